@@ -1,0 +1,65 @@
+"""Test-time adaptation of a frozen LLM's latents: ``Trainer.predict`` over a problem set.
+
+    python adapt.py                                    # LatentSeek, self-reward, embedded model
+    python adapt.py --config configs/cot.yaml data.limit=100
+    python adapt.py reward.kind=verifier data.path=../shared/data/gsm8k_test.jsonl \\
+        model.path=/models/Qwen2.5-7B-Instruct model.dtype=bfloat16 trainer.accelerator=gpu
+    python adapt.py trainer.devices=8 trainer.strategy=ddp ...   # problems sharded over ranks
+    python adapt.py --help                             # every key, its default and meaning
+
+Results go to ``run_dir`` (config.yaml, predictions.jsonl, summary.json, logs/); rerunning
+with the same ``run_dir`` skips the problems already recorded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lit_latent.config import AdaptConfig, UserError, help_text, load_config, parse_args
+from lit_latent.runs import prepare_run_dir, run_entry_point
+
+
+def main(argv: list[str]) -> dict:
+    config_file, overrides, want_help = parse_args(argv)
+    if want_help:
+        print(help_text(AdaptConfig, "adapt.py"))
+        return {}
+    cfg = load_config(AdaptConfig, config_file, overrides)
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from callbacks.rewards import make_reward
+    from callbacks.writer import PredictionWriter
+    from lit_latent.data import ProblemDataModule, read_problems
+    from lit_latent.generation import load_model
+    from lit_latent.module import LatentAdaptationModule
+    from lit_latent.results import read_records
+
+    problems = read_problems(cfg.data.path, cfg.data.limit)
+    run_dir = prepare_run_dir(cfg)
+    done = {r["id"] for r in read_records(run_dir / "predictions.jsonl")}
+    L.seed_everything(cfg.seed, verbose=False)
+    model, tokenizer = load_model(cfg.model)
+
+    writer = PredictionWriter(run_dir)
+    callbacks = [writer]
+    if cfg.method in ("latentseek", "resample", "best_of_n", "latentevolve"):
+        callbacks.append(make_reward(cfg.reward))
+    trainer = L.Trainer(
+        **cfg.trainer.__dict__,
+        callbacks=callbacks,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        inference_mode=False,  # latents need autograd; predict_step also opens enable_grad
+        enable_model_summary=False,
+    )
+    module = LatentAdaptationModule(model, tokenizer, cfg)
+    datamodule = ProblemDataModule(problems, cfg.data.batch_size, skip_ids=done)
+    if done:
+        print(f"resuming {run_dir}: {len(done)} problems already recorded, {len(datamodule.problems)} to go")
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    return writer.summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry_point(main, sys.argv[1:]))

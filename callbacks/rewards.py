@@ -1,0 +1,226 @@
+"""Reward callbacks: score candidate answers in [0, 1] for the adaptation module.
+
+The module asks the one ``RewardCallback`` in ``trainer.callbacks`` to ``score`` candidates;
+the callback owns its set-up and logging, the scoring is plain functions below.
+
+Scale: every reward is in [0, 1], 1 best. LatentSeek's [-1, 0] scale is ``reward - 1``
+(its stop threshold -0.2 is our 0.8); LatentEvolve's Q is already in [0, 1].
+
+A user's own reward: subclass ``RewardCallback``, implement ``score``, and run with
+``reward.kind=custom reward.class_path=my_pkg.rewards.MyReward reward.kwargs.x=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_latent.answers import extract_answer, is_equivalent
+from lit_latent.config import RewardConfig, UserError
+from lit_latent.data import num_choices
+from lit_latent.prompts import (
+    calculation_lines,
+    final_check_prompt,
+    holistic_check_prompt,
+    parse_verdict,
+    step_check_prompt,
+)
+
+
+@dataclass
+class Scores:
+    rewards: list[float]
+    """One reward in [0, 1] per completion."""
+    tokens: list[int]
+    """Tokens generated to score each completion (compute accounting)."""
+    details: list[dict[str, Any]] = field(default_factory=list)
+    """Optional per-completion detail, e.g. the verdict of each check."""
+
+
+class RewardCallback(Callback):
+    """Base class of rewards. ``score`` gets the module (to generate with its model), the
+    problems (dicts with id, problem, answer, choices) and one completion text per problem."""
+
+    uses_labels: bool = False
+
+    def score(self, module, problems: Sequence[dict], completions: Sequence[str]) -> Scores:
+        raise NotImplementedError
+
+
+# --- verifier: the gold answer (the paper's "perfect verifier") -----------------------------
+
+
+def verifier_reward(problem: dict, completion: str) -> float:
+    choices = num_choices(problem)
+    return 1.0 if is_equivalent(problem["answer"], extract_answer(completion, choices), choices) else 0.0
+
+
+class VerifierReward(RewardCallback):
+    """1 if the extracted answer equals the gold answer, else 0. Uses labels."""
+
+    uses_labels = True
+
+    def score(self, module, problems, completions):
+        return Scores([verifier_reward(p, c) for p, c in zip(problems, completions)], [0] * len(problems))
+
+
+# --- self: the model verifies its own answer ------------------------------------------------
+
+# criterion -> weight. LatentSeek: calculations 2, answer 1, complete 2, understood 1.
+# LatentEvolve: answer 1, comprehension 1, calculation 1, format 2, clarity 2.
+SCHEME_WEIGHTS = {
+    "latentseek": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "latentevolve": {"answer": 1.0, "understood": 1.0, "calculation": 1.0, "format": 2.0, "clarity": 2.0},
+    "steps": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+}
+
+
+def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[str]) -> list[tuple[str, str]]:
+    """(criterion, user message) pairs that judge one solution.
+
+    The ``steps`` scheme asks the calculation check once per calculation line and the
+    answer check as "does the boxed answer equal the last line's result" — what a small
+    model can judge; a solution with no calculation line fails its calculation check.
+    """
+    pairs = []
+    for crit in criteria:
+        if scheme == "steps" and crit == "calculation":
+            pairs += [(crit, step_check_prompt(line)) for line in calculation_lines(solution)]
+        elif scheme == "steps" and crit == "answer":
+            pairs.append((crit, final_check_prompt(solution)))
+        else:
+            pairs.append((crit, holistic_check_prompt(crit, problem, solution)))
+    return pairs
+
+
+def combine_verdicts(verdicts: dict[str, list[Optional[bool]]], weights: dict[str, float]) -> float:
+    """1 - (weight of failed criteria) / (total weight). A criterion passes only if all its
+    verdicts are yes; a missing or unparseable verdict (None) fails, as does a criterion
+    that produced no verdict at all."""
+    total = sum(weights.values())
+    failed = sum(w for crit, w in weights.items() if not verdicts.get(crit) or not all(v is True for v in verdicts[crit]))
+    return 1.0 - failed / total
+
+
+class SelfReward(RewardCallback):
+    """The frozen model grades its own answer with the verification prompts of ``scheme``;
+    all prompts of all candidates run as one batched greedy generation."""
+
+    def __init__(self, scheme: str = "latentseek", weights: Optional[dict[str, float]] = None, verdict_tokens: int = 4):
+        self.scheme = scheme
+        self.weights = dict(SCHEME_WEIGHTS[scheme])
+        for crit, w in (weights or {}).items():
+            if crit not in self.weights:
+                raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(self.weights)})")
+            self.weights[crit] = float(w)
+        self.verdict_tokens = verdict_tokens
+
+    def score(self, module, problems, completions):
+        owners, crits, messages = [], [], []
+        for i, (p, c) in enumerate(zip(problems, completions)):
+            for crit, msg in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
+                owners.append(i)
+                crits.append(crit)
+                messages.append(msg)
+        texts, new_tokens = module.complete(messages, max_new_tokens=self.verdict_tokens)
+        verdicts: list[dict[str, list[Optional[bool]]]] = [{} for _ in problems]
+        tokens = [0] * len(problems)
+        for i, crit, text, n in zip(owners, crits, texts, new_tokens):
+            verdicts[i].setdefault(crit, []).append(parse_verdict(text))
+            tokens[i] += n
+        rewards = [combine_verdicts(v, self.weights) for v in verdicts]
+        details = [{c: [None if x is None else int(x) for x in vs] for c, vs in v.items()} for v in verdicts]
+        return Scores(rewards, tokens, details)
+
+
+# --- majority: TTRL-style agreement with the majority answer ---------------------------------
+
+
+def majority_answer(answers: Sequence[Optional[str]], choices: int = 0) -> Optional[str]:
+    """The most frequent answer up to equivalence; ties go to the answer seen first."""
+    groups: list[tuple[str, int]] = []  # (representative, count) in order of first sight
+    for a in answers:
+        if a is None:
+            continue
+        for k, (rep, count) in enumerate(groups):
+            if is_equivalent(rep, a, choices):
+                groups[k] = (rep, count + 1)
+                break
+        else:
+            groups.append((a, 1))
+    if not groups:
+        return None
+    best = max(count for _, count in groups)
+    return next(rep for rep, count in groups if count == best)
+
+
+class MajorityReward(RewardCallback):
+    """1 if the candidate's answer agrees with the majority of N sampled answers, else 0.
+    The samples are drawn once per problem and cached for its later candidates."""
+
+    def __init__(self, samples: int = 8):
+        self.samples = samples
+        self._majority: dict[str, tuple[Optional[str], int]] = {}
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        for p in batch:  # finished problems no longer need their vote
+            self._majority.pop(p["id"], None)
+
+    def score(self, module, problems, completions):
+        todo = [p for p in problems if p["id"] not in self._majority]
+        if todo:
+            texts, new_tokens = module.sample_answers(todo, self.samples, tag="majority")
+            for k, p in enumerate(todo):
+                mine = texts[k * self.samples : (k + 1) * self.samples]
+                spent = sum(new_tokens[k * self.samples : (k + 1) * self.samples])
+                answers = [extract_answer(t, num_choices(p)) for t in mine]
+                self._majority[p["id"]] = (majority_answer(answers, num_choices(p)), spent)
+        rewards, tokens = [], []
+        for p, c in zip(problems, completions):
+            majority, spent = self._majority[p["id"]]
+            choices = num_choices(p)
+            rewards.append(1.0 if majority is not None and is_equivalent(majority, extract_answer(c, choices), choices) else 0.0)
+            tokens.append(spent)
+            self._majority[p["id"]] = (majority, 0)  # the vote's cost is counted once
+        return Scores(rewards, tokens)
+
+
+# --- construction from the config ------------------------------------------------------------
+
+
+def import_class(path: str, key: str = "reward.class_path") -> type:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise UserError(f"config key {key}: {path!r} is not a dotted import path like my_pkg.rewards.MyReward")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"config key {key}: cannot import {path}: {e}") from None
+
+
+def make_reward(cfg: RewardConfig) -> RewardCallback:
+    if cfg.kind == "verifier":
+        return VerifierReward()
+    if cfg.kind == "self":
+        return SelfReward(cfg.scheme, cfg.weights, cfg.verdict_tokens)
+    if cfg.kind == "majority":
+        return MajorityReward(cfg.majority_samples)
+    cls = import_class(cfg.class_path)
+    if not (isinstance(cls, type) and issubclass(cls, RewardCallback)):
+        raise UserError(f"config key reward.class_path: {cfg.class_path} is not a subclass of callbacks.rewards.RewardCallback")
+    try:
+        return cls(**cfg.kwargs)
+    except TypeError as e:
+        raise UserError(f"config key reward.kwargs: {cfg.class_path}: {e}") from None
+
+
+def find_reward(trainer) -> RewardCallback:
+    rewards = [cb for cb in trainer.callbacks if isinstance(cb, RewardCallback)]
+    if len(rewards) != 1:
+        raise RuntimeError(f"the adaptation module needs exactly one RewardCallback in trainer.callbacks, found {len(rewards)}")
+    return rewards[0]

@@ -1,0 +1,307 @@
+"""Typed configuration: YAML files and ``key=value`` overrides merged onto dataclasses.
+
+``OmegaConf.merge(structured(Schema), yaml, cli)`` rejects unknown keys and wrong types;
+``__post_init__`` checks values and cross-field rules. Every problem surfaces as a
+:class:`UserError` whose one-line message names the key or file, which the entry points
+print without a traceback (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+
+# The embedded default model and its bundled held-out problems (see lit_latent/embedded).
+MODEL_DIR = Path(__file__).parent / "embedded" / "model"
+HELDOUT_PATH = Path(__file__).parent / "embedded" / "heldout.jsonl"
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n")
+REWARD_KINDS = ("self", "verifier", "majority", "custom")
+SCHEMES = ("latentseek", "latentevolve", "steps")
+
+
+def _positive(name: str, value: Union[int, float, None], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"config key {name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"config key {name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = str(MODEL_DIR)
+    """Local Hugging Face causal LM directory (default: the embedded tiny model)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    path: str = str(HELDOUT_PATH)
+    """JSONL file with id, problem, answer (+ solution, choices); default: bundled problems."""
+    limit: Optional[int] = None
+    """Use only the first N problems (null: all)."""
+    batch_size: int = 8
+    """Problems adapted together in one predict_step."""
+    max_prompt_tokens: int = 1024
+    """Longer prompts are cut from the left, with a warning and a record status."""
+
+    def __post_init__(self) -> None:
+        _positive("data.limit", self.limit)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    """Longest answer generated (paper: 1024 for LatentSeek, 2048 for LatentEvolve)."""
+    temperature: float = 0.7
+    """Temperature of sampled decoding (resample, self-consistency, best-of-n, majority)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of sampled decoding."""
+    num_samples: int = 8
+    """N: samples per problem for self_consistency / best_of_n."""
+
+    def __post_init__(self) -> None:
+        _positive("generation.max_new_tokens", self.max_new_tokens)
+        _positive("generation.temperature", self.temperature, allow_zero=True)
+        _positive("generation.num_samples", self.num_samples)
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"config key generation.top_p: must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class LatentConfig:
+    lr: float = 0.03
+    """Adam learning rate on the latents (paper: 0.03)."""
+    rho: float = 0.2
+    """Fraction of the answer's latents optimized: L = min(floor(rho * T), max_latents)."""
+    max_latents: int = 300
+    """L_max, the cap on optimized latents (paper: 300)."""
+    max_iterations: int = 10
+    """K, policy-gradient iterations per problem (paper: 10)."""
+    stop_threshold: float = 0.8
+    """Stop once reward >= this, on our [0, 1] scale (paper: -0.2 on [-1, 0], i.e. 0.8)."""
+    regenerate_after_first_change: bool = False
+    """Keep the decoded prefix only up to its first changed token and regenerate the rest."""
+    samples: int = 1
+    """Candidates per step. 1: the paper's greedy decode; M > 1: sample M prefixes (LatentEvolve gradient)."""
+    sample_temperature: float = 1.0
+    """Temperature of the latent policy when samples > 1."""
+    baseline: bool = True
+    """With samples > 1, subtract the mean reward (the papers have no baseline)."""
+
+    def __post_init__(self) -> None:
+        _positive("latent.lr", self.lr)
+        if not 0 < self.rho <= 1:
+            raise UserError(f"config key latent.rho: must be in (0, 1], got {self.rho}")
+        _positive("latent.max_latents", self.max_latents)
+        _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
+        _positive("latent.samples", self.samples)
+        _positive("latent.sample_temperature", self.sample_temperature)
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "self"
+    """self (the model grades itself), verifier (gold labels), majority (TTRL vote), custom."""
+    scheme: str = "latentseek"
+    """For kind=self: latentseek (4 checks), latentevolve (5 criteria), steps (per-line calculation)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Override check weights, e.g. {calculation: 2}; defaults follow the papers."""
+    verdict_tokens: int = 4
+    """Tokens generated for each verification verdict."""
+    majority_samples: int = 8
+    """For kind=majority: sampled answers that vote."""
+    class_path: Optional[str] = None
+    """For kind=custom: import path of a RewardCallback subclass."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """For kind=custom: keyword arguments of class_path."""
+
+    def __post_init__(self) -> None:
+        _one_of("reward.kind", self.kind, REWARD_KINDS)
+        _one_of("reward.scheme", self.scheme, SCHEMES)
+        _positive("reward.verdict_tokens", self.verdict_tokens)
+        _positive("reward.majority_samples", self.majority_samples)
+        if self.kind == "custom" and not self.class_path:
+            raise UserError("config key reward.class_path: required when reward.kind=custom")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    """lightning.Trainer accelerator: cpu, gpu, auto."""
+    devices: Any = 1
+    """lightning.Trainer devices: a count, a list of ids, or auto."""
+    strategy: str = "auto"
+    """lightning.Trainer strategy, e.g. ddp."""
+    precision: Optional[str] = None
+    """lightning.Trainer precision, e.g. bf16-mixed (null: Lightning's default)."""
+
+
+@dataclass
+class AdaptConfig:
+    method: str = "latentseek"
+    """cot, latentseek, resample, latentevolve, self_consistency, best_of_n."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: Optional[str] = None
+    """Results folder (default: runs/<date>-<time>-<config name>); an existing one resumes."""
+    seed: int = 0
+    """Seed of every random choice; the same seed gives the same predictions."""
+    config_name: str = "default"
+    """Name of the YAML the run came from (set by the loader; used in the default run_dir)."""
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, METHODS)
+
+
+# --- Loading --------------------------------------------------------------------------------
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            full = f"{prefix}{f.name}"
+            keys.append(full)
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _closest_hint(key: str, schema: type) -> str:
+    match = difflib.get_close_matches(key, _all_keys(schema()), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _describe(e: OmegaConfBaseException, schema: type, source: str) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        return f"{source}: unknown config key {key}{_closest_hint(key, schema)}"
+    reason = str(e).splitlines()[0]
+    return f"{source}: config key {key}: {reason}"
+
+
+def parse_args(argv: list[str]) -> tuple[Optional[str], list[str], bool]:
+    """Split ``[--config FILE] [--help] [key=value ...]``."""
+    config_file, overrides, want_help = None, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a file path")
+            config_file = argv[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}: use --config FILE and key=value overrides")
+        i += 1
+    return config_file, overrides, want_help
+
+
+def load_config(schema: type, config_file: Optional[str], overrides: list[str]):
+    """Merge schema defaults, a YAML file and CLI overrides, then validate into ``schema``."""
+    base = OmegaConf.structured(schema)
+    layers: list[DictConfig] = []
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file not found: {config_file}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError carries a line number in its first line
+            raise UserError(f"{config_file}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise UserError(f"{config_file}: must hold a mapping of config keys")
+        layers.append((loaded, config_file))
+    try:
+        cli = OmegaConf.from_dotlist(overrides)
+    except Exception as e:
+        raise UserError(f"command line: cannot parse overrides: {str(e).splitlines()[0]}") from None
+    layers.append((cli, "command line"))
+    merged = base
+    for layer, source in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise UserError(_describe(e, schema, source)) from None
+    if config_file is not None and "config_name" in merged:
+        merged.config_name = Path(config_file).stem
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise UserError(_describe(e, schema, "config")) from None
+
+
+def help_text(schema: type, command: str) -> str:
+    """One line per key: name, default, description (the field's docstring in the source)."""
+    import ast
+    import inspect
+
+    docs: dict[tuple[str, str], str] = {}
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        body = cls.body
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[(cls.name, stmt.target.id)] = nxt.value.value.strip()
+
+    lines = [f"usage: python {command} [--config FILE] [key=value ...]", "", "keys (default: description):"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                doc = docs.get((type(obj).__name__, f.name), "")
+                lines.append(f"  {prefix}{f.name}={OmegaConf.to_yaml(value).strip() if isinstance(value, (dict, list)) else value}  {doc}")
+
+    walk(schema(), "")
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

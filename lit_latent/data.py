@@ -1,0 +1,87 @@
+"""Problems from JSONL files, validated at the edge, served by a LightningDataModule.
+
+A row is ``{"id", "problem", "answer"}`` plus optional ``solution`` and ``choices``; the
+files in ``shared/data`` load as they are. Every bad row is an error naming file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lit_latent.config import UserError
+from lit_latent.prompts import choice_prompt, math_prompt
+
+
+def read_problems(path: str | Path, limit: Optional[int] = None) -> list[dict[str, Any]]:
+    """Read and validate a problems file; ``limit`` keeps the first N rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config key data.path: file not found: {path}")
+    problems: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(problems) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in ("problem", "answer"):
+                if key not in row or row[key] is None:
+                    raise UserError(f"{where}: missing field {key!r}")
+            if not isinstance(row["problem"], str) or not row["problem"].strip():
+                raise UserError(f"{where}: field 'problem' is empty")
+            pid = str(row.get("id", f"{path.stem}-{lineno - 1}"))
+            if pid in seen:
+                raise UserError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
+            seen[pid] = lineno
+            choices = row.get("choices")
+            if choices is not None and (not isinstance(choices, list) or not choices):
+                raise UserError(f"{where}: field 'choices' must be a non-empty list")
+            problems.append(
+                {
+                    "id": pid,
+                    "problem": row["problem"],
+                    "answer": str(row["answer"]).strip(),
+                    "choices": [str(c) for c in choices] if choices else None,
+                }
+            )
+    if not problems:
+        raise UserError(f"config key data.path: {path} holds no problems")
+    return problems
+
+
+def user_message(problem: dict[str, Any]) -> str:
+    """The question as the model is asked it: step by step, answer in \\boxed{}."""
+    if problem.get("choices"):
+        return choice_prompt(problem["problem"], problem["choices"])
+    return math_prompt(problem["problem"])
+
+
+def num_choices(problem: dict[str, Any]) -> int:
+    return len(problem["choices"]) if problem.get("choices") else 0
+
+
+class ProblemDataModule(L.LightningDataModule):
+    """Serves problems in file order; ids already done (resume) are left out."""
+
+    def __init__(self, problems: list[dict[str, Any]], batch_size: int, skip_ids: Iterable[str] = ()):
+        super().__init__()
+        skip = set(skip_ids)
+        self.problems = [p for p in problems if p["id"] not in skip]
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        # collate to a plain list of dicts: prompts are tokenized by the module, which owns the tokenizer
+        return DataLoader(self.problems, batch_size=self.batch_size, shuffle=False, collate_fn=list)

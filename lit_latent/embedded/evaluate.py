@@ -1,0 +1,183 @@
+"""Measure the embedded model: greedy CoT accuracy, check accuracies, self-agreement.
+
+    python -m lit_latent.embedded.evaluate                       # the shipped model, 500 held-out problems
+    python -m lit_latent.embedded.evaluate --model DIR --n 200 --n-checks 200
+
+Check accuracies are on balanced examples (half ``yes``) built from held-out problems by
+``checks.check_example``. Self-agreement asks the model's checks about its *own* greedy
+solutions and compares the verdicts with whether the solution is correct: what the
+self-reward sees at test time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from lit_latent.prompts import (
+    HOLISTIC_QUESTIONS,
+    calculation_lines,
+    final_check_prompt,
+    holistic_check_prompt,
+    math_prompt,
+    parse_verdict,
+    step_check_prompt,
+)
+from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
+from lit_latent.embedded.checks import TASKS, check_example, line_true
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def load(model_dir=MODEL_DIR):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    return model, tok
+
+
+def read_problems(path=HELDOUT_PATH, n: Optional[int] = None) -> list[dict]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:n] if n else rows
+
+
+def boxed_answer(text: str) -> Optional[str]:
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 160, batch_size: int = 64) -> list[str]:
+    """Greedy completions of user messages, batched by length with left padding."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    enc = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out: list[str] = [""] * len(enc)
+    pad = tok.pad_token_id
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
+            mask[r, width - len(enc[i]):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        for r, i in enumerate(idx):
+            out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+    return out
+
+
+def solve(model, tok, problems: Sequence[dict], max_new_tokens: int = 160, batch_size: int = 64) -> list[str]:
+    return generate(model, tok, [math_prompt(p["problem"]) for p in problems], max_new_tokens, batch_size)
+
+
+def ask(model, tok, prompts: Sequence[str], batch_size: int = 128) -> list[Optional[bool]]:
+    """Verdicts parsed from the generated text only."""
+    return [parse_verdict(g) for g in generate(model, tok, prompts, max_new_tokens=3, batch_size=batch_size)]
+
+
+def cot_accuracy(model, tok, problems: Sequence[dict], **kw) -> dict:
+    sols = solve(model, tok, problems, **kw)
+    correct = [boxed_answer(s) == str(p["answer"]) for p, s in zip(problems, sols)]
+    res = {"overall": sum(correct) / len(correct), "solutions": sols, "correct": correct}
+    for k in sorted({p["steps"] for p in problems}):
+        sel = [c for c, p in zip(correct, problems) if p["steps"] == k]
+        res[f"steps_{k}"] = sum(sel) / len(sel)
+    return res
+
+
+def check_accuracies(model, tok, problems: Sequence[dict], tasks=TASKS, seed: int = 0) -> dict:
+    """Balanced accuracy of each checking task (verdicts alternate yes/no)."""
+    rng = random.Random(seed)
+    res = {}
+    for task in tasks:
+        ex = [check_example(rng, p, task, want=(i % 2 == 0)) for i, p in enumerate(problems)]
+        got = ask(model, tok, [e[0] for e in ex])
+        res[task] = sum(g == lab for g, (_, lab) in zip(got, ex)) / len(ex)
+    return res
+
+
+def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str], correct: Sequence[bool]) -> dict:
+    """How the model's verdicts on its own solutions line up with their correctness."""
+    prompts, owner = [], []
+    for i, s in enumerate(solutions):
+        for ln in calculation_lines(s):
+            prompts.append(step_check_prompt(ln)); owner.append(("step", i, line_true(ln)))
+        prompts.append(final_check_prompt(s)); owner.append(("final", i, None))
+        for c in HOLISTIC_QUESTIONS:
+            prompts.append(holistic_check_prompt(c, problems[i]["problem"], s)); owner.append((c, i, None))
+    got = ask(model, tok, prompts)
+    n = len(solutions)
+    steps_ok, final_ok = [True] * n, [False] * n
+    holistic = {c: [False] * n for c in HOLISTIC_QUESTIONS}
+    line_hits = []
+    for (kind, i, truth), v in zip(owner, got):
+        if kind == "step":
+            steps_ok[i] &= v is True
+            line_hits.append(v is truth)
+        elif kind == "final":
+            final_ok[i] = v is True
+        else:
+            holistic[kind][i] = v is True
+    verdicts = {"steps+final": [a and b for a, b in zip(steps_ok, final_ok)], **holistic,
+                "latentseek (all 4)": [all(holistic[c][i] for c in ("calculation", "answer", "complete", "understood"))
+                                       for i in range(n)]}
+    res = {}
+    for name, v in verdicts.items():
+        agree = sum(a == c for a, c in zip(v, correct)) / n
+        yes_right = sum(a for a, c in zip(v, correct) if c) / max(1, sum(correct))
+        no_wrong = sum(not a for a, c in zip(v, correct) if not c) / max(1, n - sum(correct))
+        res[name] = {"agree": agree, "yes_on_correct": yes_right, "no_on_wrong": no_wrong}
+    res["own_lines_step_check"] = sum(line_hits) / max(1, len(line_hits))
+    res["own_lines_true"] = sum(o[2] for o in owner if o[0] == "step") / max(1, len(line_hits))
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(MODEL_DIR))
+    ap.add_argument("--heldout", default=str(HELDOUT_PATH))
+    ap.add_argument("--n", type=int, default=500, help="held-out problems for CoT accuracy and self-agreement")
+    ap.add_argument("--n-checks", type=int, default=300, help="held-out problems per checking task")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    rows = read_problems(args.heldout)
+    t0 = time.time()
+    cot = cot_accuracy(model, tok, rows[: args.n])
+    t_cot = time.time() - t0
+    print(f"\nGreedy CoT accuracy ({args.n} held-out problems, {t_cot:.0f}s)")
+    print("| overall | " + " | ".join(f"{k} steps" for k in (2, 3, 4, 5)) + " |\n|---|---|---|---|---|")
+    print(f"| {cot['overall']:.1%} | " + " | ".join(f"{cot.get(f'steps_{k}', float('nan')):.1%}" for k in (2, 3, 4, 5)) + " |")
+    checks = check_accuracies(model, tok, rows[500:500 + args.n_checks])
+    print(f"\nCheck accuracy (balanced, {args.n_checks} held-out problems each)\n| task | accuracy |\n|---|---|")
+    for k, v in checks.items():
+        print(f"| {k} | {v:.1%} |")
+    agree = self_agreement(model, tok, rows[: args.n], cot["solutions"], cot["correct"])
+    print(f"\nSelf-agreement on its own greedy solutions ({args.n} problems, {sum(cot['correct'])} correct)")
+    print("| verdict | agrees with correctness | yes on correct | no on wrong |\n|---|---|---|---|")
+    for k, v in agree.items():
+        if isinstance(v, dict):
+            print(f"| {k} | {v['agree']:.1%} | {v['yes_on_correct']:.1%} | {v['no_on_wrong']:.1%} |")
+    print(f"\nStep check on its own calculation lines: {agree['own_lines_step_check']:.1%} right "
+          f"({agree['own_lines_true']:.1%} of those lines are true)")
+    print(f"total {time.time() - t0:.0f}s")
+    return {"cot": {k: v for k, v in cot.items() if k not in ("solutions", "correct")}, "checks": checks, "self": agree}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Model loading and the batched decoding loop that the latent methods need.
+
+``generate`` returns, besides the tokens, the last-layer hidden state *after the final norm*
+that produced every generated token: the latents of ALGORITHMS.md, the vectors that
+``lm_head`` turns into logits (``lm_head(hidden[t]).argmax() == tokens[t]`` under greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lit_latent.config import ModelConfig, UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg: ModelConfig):
+    """Load a local HF causal LM and its tokenizer, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.path)
+    if not path.is_dir():
+        raise UserError(f"config key model.path: model directory not found: {cfg.path}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"config key model.path: {cfg.path} has no config.json (not a Hugging Face model directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], local_files_only=True)
+    except Exception as e:
+        raise UserError(f"config key model.path: cannot load a causal LM from {cfg.path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """All ids that end an answer: the generation config's (instruct models list several) and the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def chat_prompt(tokenizer, user_message: str) -> str:
+    """The user message wrapped in the tokenizer's chat template, ready for the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False
+        )
+    return user_message + "\n"
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    """Per row: the prefix given, then the generated ids (EOS and padding removed)."""
+    hidden: Optional[list[Tensor]]
+    """Per row ``[len(tokens), d]``: the post-norm last-layer state that produced each token."""
+    new_tokens: list[int]
+    """Per row: tokens the model generated (EOS included), the compute spent."""
+    finished: list[bool]
+    """Per row: stopped at EOS rather than at max_new_tokens."""
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: Tensor) -> Tensor:
+    # left padding: real tokens count 0, 1, 2, ... from their own first position
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional[list[torch.Generator]]) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    # one generator per row: a row's samples do not depend on which rows share its batch
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generators: Optional[list[torch.Generator]] = None,
+    return_hidden: bool = False,
+    use_cache: bool = True,
+) -> Generation:
+    """Batched greedy or sampled decoding of left-padded prompts, optionally after a forced prefix.
+
+    ``prefixes[i]`` (answer tokens already chosen, e.g. decoded from optimized latents) is
+    fed after ``prompts[i]`` and the model continues from it. ``use_cache=False`` recomputes
+    the whole sequence at every step: the reference implementation's cost profile.
+    """
+    device = next(model.parameters()).device
+    backbone = model.base_model
+    lm_head = model.get_output_embeddings()
+    prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
+    if len(prefixes) != len(prompts):
+        raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts")
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts")
+    rows = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
+    ids, mask = _left_pad(rows, pad_id, device)
+    batch = len(rows)
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+
+    cache = None
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache)
+    cache = out.past_key_values if use_cache else None
+    states = out.last_hidden_state  # [B, S, d]
+
+    hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
+    if return_hidden:
+        width = ids.shape[1]
+        for i, prefix in enumerate(prefixes):
+            # the state at position j predicts token j + 1
+            if len(prefix):
+                hidden_rows[i].append(states[i, width - len(prefix) - 1 : width - 1])
+    last = states[:, -1]
+
+    new_ids: list[Tensor] = []
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    all_ids, all_mask = ids, mask
+    for _ in range(max_new_tokens):
+        logits = lm_head(last).float()
+        nxt = _pick(logits, temperature, top_p, generators)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if return_hidden:
+            for i in range(batch):
+                hidden_rows[i].append(last[i : i + 1])
+        counts += (~done).long()
+        is_eos = torch.isin(nxt, eos) & ~done
+        ended_at_eos |= is_eos
+        new_ids.append(torch.where(done | is_eos, torch.full_like(nxt, -1), nxt))
+        done |= is_eos
+        if bool(done.all()):
+            break
+        all_mask = torch.cat([all_mask, torch.ones((batch, 1), dtype=all_mask.dtype, device=device)], dim=1)
+        if use_cache:
+            pos = _positions(all_mask)[:, -1:]
+            out = backbone(input_ids=nxt[:, None], attention_mask=all_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        else:
+            all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
+            out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
+        last = out.last_hidden_state[:, -1]
+
+    generated = torch.stack(new_ids, dim=1).tolist() if new_ids else [[] for _ in range(batch)]
+    tokens, hidden = [], [] if return_hidden else None
+    for i in range(batch):
+        gen = [t for t in generated[i] if t >= 0]
+        tokens.append(list(prefixes[i]) + gen)
+        if return_hidden:
+            row = torch.cat(hidden_rows[i], dim=0)
+            hidden.append(row[: len(tokens[i])])
+    return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())

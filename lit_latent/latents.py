@@ -1,0 +1,76 @@
+"""Pure tensor functions of latent optimization, tested on their own.
+
+A latent ``z_t`` is a last-layer post-norm hidden state; through the frozen head it defines
+the token policy ``p(x_t | z_t) = softmax(lm_head(z_t))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def latent_count(answer_length: int, rho: float, max_latents: int) -> int:
+    """L = min(floor(rho * T), L_max), at least 1 for a non-empty answer."""
+    if answer_length <= 0:
+        return 0
+    return max(1, min(math.floor(rho * answer_length), max_latents))
+
+
+def token_log_probs(lm_head: nn.Module, latents: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(tokens[t] | latents[t]) for each position: ``[L, d], [L] -> [L]``."""
+    logits = lm_head(latents.to(lm_head.weight.dtype)).float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def decode_latents(lm_head: nn.Module, latents: Tensor) -> list[int]:
+    """The tokens the latents currently decode to: ``argmax lm_head(z_t)``."""
+    with torch.no_grad():
+        return lm_head(latents.to(lm_head.weight.dtype)).argmax(-1).tolist()
+
+
+def sample_latents(lm_head: nn.Module, latents: Tensor, temperature: float, generator: torch.Generator) -> list[int]:
+    """A token sequence sampled from the latent policy (one token per latent)."""
+    with torch.no_grad():
+        probs = torch.softmax(lm_head(latents.to(lm_head.weight.dtype)).float() / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+
+
+def policy_loss(log_prob_sum: Tensor, advantage: float) -> Tensor:
+    """REINFORCE: ``-A * sum_t log p(x_t | z_t)``; minimizing it ascends the expected reward."""
+    return -advantage * log_prob_sum
+
+
+def keep_through_first_change(decoded: Sequence[int], original: Sequence[int]) -> list[int]:
+    """Cut a decoded prefix after its first token that differs from ``original``.
+
+    Later prefix tokens were decoded from latents that still encode the old chain; keeping
+    them makes chains arithmetically incoherent, so the model regenerates from there.
+    Unchanged prefixes are kept whole.
+    """
+    for t, (new, old) in enumerate(zip(decoded, original)):
+        if new != old:
+            return list(decoded[: t + 1])
+    return list(decoded)
+
+
+def momentum_init(
+    z_base: Tensor, neighbour_e: Tensor, query_e: Tensor, neighbour_z_star: Tensor, neighbour_z_base: Tensor
+) -> Tensor:
+    """LatentEvolve's momentum transfer: ``z_base + sum_j softmax_j(cos(e, e_j)) (z*_j - z_base_j)``.
+
+    Shapes: ``z_base [L, d]``, ``neighbour_e [k, D]``, ``query_e [D]``, ``neighbour_z_* [k, L, d]``.
+    """
+    if neighbour_e.shape[0] == 0:
+        return z_base.clone()
+    cos = torch.nn.functional.cosine_similarity(neighbour_e.float(), query_e.float()[None], dim=-1)
+    alpha = torch.softmax(cos, dim=0)
+    shift = (alpha[:, None, None] * (neighbour_z_star.float() - neighbour_z_base.float())).sum(0)
+    return z_base.float() + shift
+
+
+def finite(x: Optional[Tensor]) -> bool:
+    return x is None or bool(torch.isfinite(x).all())

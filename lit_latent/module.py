@@ -1,0 +1,346 @@
+"""The adaptation LightningModule: test-time methods run inside ``predict_step``.
+
+``Trainer(inference_mode=False).predict(module, datamodule)`` hands each batch of problems
+to ``predict_step``, which runs the chosen method to the end and returns one plain record per
+problem; the writer callback appends them to ``predictions.jsonl``.
+
+LatentSeek (ALGORITHMS.md §1) is ``latent_seek`` below, top to bottom: greedy CoT with its
+latents, then up to K rounds of reward -> policy-gradient step on the first L latents ->
+decode them to a prefix -> let the model finish the answer. The model's weights are frozen;
+the loss goes through ``lm_head`` only, never back through the transformer.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+
+from callbacks.rewards import RewardCallback, Scores, find_reward, majority_answer
+from lit_latent.answers import extract_answer, is_equivalent
+from lit_latent.config import AdaptConfig
+from lit_latent.data import num_choices, user_message
+from lit_latent.generation import Generation, chat_prompt, eos_token_ids, generate
+from lit_latent.latents import (
+    decode_latents,
+    keep_through_first_change,
+    latent_count,
+    policy_loss,
+    sample_latents,
+    token_log_probs,
+)
+
+# verification and voting prompts are many and short: generate them in chunks of this many rows
+GENERATION_CHUNK = 64
+
+
+class LatentAdaptationModule(L.LightningModule):
+    def __init__(self, model, tokenizer, cfg: AdaptConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.automatic_optimization = False
+        self.model.requires_grad_(False)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._use_template = bool(getattr(tokenizer, "chat_template", None))
+        self._truncated: set[str] = set()
+
+    def configure_optimizers(self):
+        return None  # latent optimizers are made per batch, inside predict_step
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    # --- text <-> tokens ----------------------------------------------------------------
+
+    def encode_message(self, message: str) -> list[int]:
+        text = chat_prompt(self.tokenizer, message)
+        return self.tokenizer(text, add_special_tokens=not self._use_template)["input_ids"]
+
+    def encode(self, problems: Sequence[dict]) -> list[list[int]]:
+        """Prompt ids of each problem, cut from the left to ``data.max_prompt_tokens``."""
+        limit = self.cfg.data.max_prompt_tokens
+        out = []
+        for p in problems:
+            ids = self.encode_message(user_message(p))
+            if len(ids) > limit:
+                self._truncated.add(p["id"])
+                ids = ids[-limit:]
+            out.append(ids)
+        return out
+
+    def decode(self, tokens: Sequence[Sequence[int]]) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def generator(self, problem_id: str, tag: str) -> torch.Generator:
+        """A generator seeded by (seed, problem, purpose): samples do not depend on batching."""
+        seed = zlib.crc32(f"{self.cfg.seed}:{problem_id}:{tag}".encode())
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # --- generation services (also used by reward callbacks) -----------------------------
+
+    def generate(self, prompts, *, prefixes=None, sample: bool = False, generators=None, return_hidden=False, max_new_tokens=None) -> Generation:
+        g = self.cfg.generation
+        return generate(
+            self.model,
+            prompts,
+            prefixes=prefixes,
+            max_new_tokens=max_new_tokens or g.max_new_tokens,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            temperature=g.temperature if sample else 0.0,
+            top_p=g.top_p,
+            generators=generators,
+            return_hidden=return_hidden,
+        )
+
+    def complete(self, messages: Sequence[str], max_new_tokens: int) -> tuple[list[str], list[int]]:
+        """Greedy answers to user messages (verification prompts), batched in chunks."""
+        texts, counts = [], []
+        for start in range(0, len(messages), GENERATION_CHUNK):
+            chunk = [self.encode_message(m) for m in messages[start : start + GENERATION_CHUNK]]
+            out = self.generate(chunk, max_new_tokens=max_new_tokens)
+            texts += self.decode(out.tokens)
+            counts += out.new_tokens
+        return texts, counts
+
+    def sample_answers(self, problems: Sequence[dict], n: int, tag: str) -> tuple[list[str], list[int]]:
+        """n sampled answers per problem, as one batch: ``[p1, p2] -> [p1 x n, p2 x n]``."""
+        prompts = self.encode(problems)
+        rows = [(p, k) for p in problems for k in range(n)]
+        gens = [self.generator(p["id"], f"{tag}:{k}") for p, k in rows]
+        flat = [prompts[i] for i in range(len(problems)) for _ in range(n)]
+        texts, counts = [], []
+        for s in range(0, len(flat), GENERATION_CHUNK):
+            out = self.generate(flat[s : s + GENERATION_CHUNK], sample=True, generators=gens[s : s + GENERATION_CHUNK])
+            texts += self.decode(out.tokens)
+            counts += out.new_tokens
+        return texts, counts
+
+    # --- records ------------------------------------------------------------------------
+
+    def judge(self, problem: dict, output: str) -> tuple[Optional[str], bool]:
+        choices = num_choices(problem)
+        answer = extract_answer(output, choices)
+        return answer, is_equivalent(problem["answer"], answer, choices)
+
+    def record(self, problem: dict, output: str, tokens: int) -> dict[str, Any]:
+        answer, correct = self.judge(problem, output)
+        rec = {
+            "id": problem["id"],
+            "method": self.cfg.method,
+            "problem": problem["problem"],
+            "gold": problem["answer"],
+            "output": output,
+            "final_answer": answer,
+            "correct": correct,
+            "tokens": tokens,
+            "status": "ok",
+        }
+        if problem["id"] in self._truncated:
+            rec["status"] = "prompt_truncated"
+        return rec
+
+    # --- predict --------------------------------------------------------------------------
+
+    def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        method = {
+            "cot": self.chain_of_thought,
+            "latentseek": self.latent_seek,
+            "resample": self.resample,
+            "self_consistency": self.self_consistency,
+            "best_of_n": self.best_of_n,
+        }.get(self.cfg.method)
+        if method is None:
+            raise ValueError(f"method {self.cfg.method!r} is not run by {type(self).__name__}")
+        # Lightning wraps predict in no_grad even with inference_mode=False
+        with torch.enable_grad():
+            records = method(batch)
+        seconds = (time.perf_counter() - start) / max(1, len(batch))
+        for rec in records:
+            rec["seconds"] = seconds
+        return records
+
+    def chain_of_thought(self, problems: list[dict]) -> list[dict]:
+        out = self.generate(self.encode(problems))
+        return [self.record(p, text, n) for p, text, n in zip(problems, self.decode(out.tokens), out.new_tokens)]
+
+    def self_consistency(self, problems: list[dict]) -> list[dict]:
+        """N sampled chains, majority vote on the extracted answers (ties: first seen)."""
+        n = self.cfg.generation.num_samples
+        texts, counts = self.sample_answers(problems, n, tag="sc")
+        records = []
+        for k, p in enumerate(problems):
+            mine = texts[k * n : (k + 1) * n]
+            answers = [extract_answer(t, num_choices(p)) for t in mine]
+            vote = majority_answer(answers, num_choices(p))
+            # the output shown is the first chain that voted for the winner
+            chosen = next((t for t, a in zip(mine, answers) if vote is not None and a is not None and is_equivalent(vote, a, num_choices(p))), mine[0])
+            rec = self.record(p, chosen, sum(counts[k * n : (k + 1) * n]))
+            rec["samples"] = [{"answer": a} for a in answers]
+            records.append(rec)
+        return records
+
+    def best_of_n(self, problems: list[dict]) -> list[dict]:
+        """N sampled chains, the one the reward callback scores highest (ties: first)."""
+        reward = find_reward(self.trainer)
+        n = self.cfg.generation.num_samples
+        texts, counts = self.sample_answers(problems, n, tag="bon")
+        owners = [p for p in problems for _ in range(n)]
+        scores = reward.score(self, owners, texts)
+        records = []
+        for k, p in enumerate(problems):
+            rs = scores.rewards[k * n : (k + 1) * n]
+            best = max(range(n), key=lambda j: (rs[j], -j))
+            spent = sum(counts[k * n : (k + 1) * n]) + sum(scores.tokens[k * n : (k + 1) * n])
+            rec = self.record(p, texts[k * n + best], spent)
+            rec["samples"] = [{"answer": extract_answer(t, num_choices(p)), "reward": r} for t, r in zip(texts[k * n : (k + 1) * n], rs)]
+            rec["reward_uses_labels"] = reward.uses_labels
+            records.append(rec)
+        return records
+
+    def resample(self, problems: list[dict]) -> list[dict]:
+        """Control for LatentSeek: the same reward and stopping rule, but each new candidate
+        is a fresh sampled answer instead of one decoded from optimized latents."""
+        cfg = self.cfg.latent
+        reward = find_reward(self.trainer)
+        prompts = self.encode(problems)
+        first = self.generate(prompts)
+        texts = self.decode(first.tokens)
+        scores = reward.score(self, problems, texts)
+        records = [self.start_adaptive_record(p, texts[i], first.new_tokens[i], scores, i, reward) for i, p in enumerate(problems)]
+        active = [i for i in range(len(problems)) if scores.rewards[i] < cfg.stop_threshold]
+        for step in range(cfg.max_iterations):
+            if not active:
+                break
+            gens = [self.generator(problems[i]["id"], f"resample:{step}") for i in active]
+            out = self.generate([prompts[i] for i in active], sample=True, generators=gens)
+            texts = self.decode(out.tokens)
+            scores = reward.score(self, [problems[i] for i in active], texts)
+            for k, i in enumerate(active):
+                self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k)
+            active = [i for k, i in enumerate(active) if scores.rewards[k] < cfg.stop_threshold]
+        self.log_rewards(records)
+        return records
+
+    def latent_seek(self, problems: list[dict]) -> list[dict]:
+        """ALGORITHMS.md §1, for a batch of problems, each with its own latents."""
+        cfg = self.cfg.latent
+        reward = find_reward(self.trainer)
+        head = self.lm_head
+
+        # 1. greedy chain of thought with its latents
+        prompts = self.encode(problems)
+        first = self.generate(prompts, return_hidden=True)
+        texts = self.decode(first.tokens)
+        scores = reward.score(self, problems, texts)
+        records = [self.start_adaptive_record(p, texts[i], first.new_tokens[i], scores, i, reward) for i, p in enumerate(problems)]
+        current = list(scores.rewards)
+
+        # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of each answer
+        lengths = [latent_count(len(t), cfg.rho, cfg.max_latents) for t in first.tokens]
+        latents = [h[:n].detach().clone().float().requires_grad_(True) for h, n in zip(first.hidden, lengths)]
+        original = [t[:n] for t, n in zip(first.tokens, lengths)]
+        # one Adam over all problems: a finished problem's grad stays None, so Adam skips it
+        optimizer = torch.optim.Adam([z for z in latents if z.numel()], lr=cfg.lr)
+        samplers = [self.generator(p["id"], "latent") for p in problems]
+
+        active = [i for i in range(len(problems)) if current[i] < cfg.stop_threshold and lengths[i] > 0]
+        for step in range(cfg.max_iterations):
+            if not active:
+                break
+            if cfg.samples == 1:
+                # 3-5. REINFORCE on the tokens the latents decode to, then a new candidate
+                optimizer.zero_grad(set_to_none=True)
+                loss = sum(
+                    policy_loss(token_log_probs(head, latents[i], torch.tensor(decode_latents(head, latents[i]), device=self.device)).sum(), current[i] - 1.0)
+                    for i in active
+                )
+                self.manual_backward(loss)
+                optimizer.step()
+                prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
+                out = self.generate([prompts[i] for i in active], prefixes=prefixes)
+                texts = self.decode(out.tokens)
+                scores = reward.score(self, [problems[i] for i in active], texts)
+                for k, i in enumerate(active):
+                    current[i] = scores.rewards[k]
+                    self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k)
+            else:
+                # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
+                m = cfg.samples
+                rows = [(i, self.prefix(sample_latents(head, latents[i], cfg.sample_temperature, samplers[i]), original[i])) for i in active for _ in range(m)]
+                out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows])
+                texts = self.decode(out.tokens)
+                scores = reward.score(self, [problems[i] for i, _ in rows], texts)
+                optimizer.zero_grad(set_to_none=True)
+                losses = []
+                for k, i in enumerate(active):
+                    q = scores.rewards[k * m : (k + 1) * m]
+                    base = sum(q) / m if cfg.baseline else 1.0
+                    for j in range(m):
+                        sampled = rows[k * m + j][1]  # the prefix drawn from the latent policy
+                        lp = token_log_probs(head, latents[i][: len(sampled)], torch.tensor(sampled, device=self.device), cfg.sample_temperature)
+                        losses.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                    best = max(range(m), key=lambda j: (q[j], -j))
+                    current[i] = q[best]
+                    spent = sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
+                    self.add_candidate(records[i], problems[i], texts[k * m + best], spent, Scores([q[best]], [0]), 0)
+                self.manual_backward(torch.stack(losses).sum())
+                optimizer.step()
+            # 6. stop a problem once its reward passes the threshold
+            active = [i for i in active if current[i] < cfg.stop_threshold]
+        self.log_rewards(records)
+        return records
+
+    def prefix(self, decoded: list[int], original: list[int]) -> list[int]:
+        if self.cfg.latent.regenerate_after_first_change:
+            return keep_through_first_change(decoded, original)
+        return decoded
+
+    # --- adaptive records ---------------------------------------------------------------
+
+    def start_adaptive_record(self, problem, output, new_tokens, scores: Scores, k: int, reward: RewardCallback) -> dict:
+        rec = self.record(problem, output, new_tokens + scores.tokens[k])
+        rec.update(
+            initial_output=output,
+            initial_answer=rec["final_answer"],
+            initial_correct=rec["correct"],
+            iterations=0,
+            rewards=[scores.rewards[k]],
+            candidates=[],
+            reward_uses_labels=reward.uses_labels,
+        )
+        if scores.details:
+            rec["initial_verdicts"] = scores.details[k]
+        return rec
+
+    def add_candidate(self, rec: dict, problem: dict, output: str, new_tokens: int, scores: Scores, k: int) -> None:
+        """The newest candidate becomes the answer (the paper returns the last candidate)."""
+        answer, correct = self.judge(problem, output)
+        rec["candidates"].append({"reward": scores.rewards[k], "answer": answer, "correct": correct, "tokens": new_tokens + scores.tokens[k]})
+        rec["rewards"].append(scores.rewards[k])
+        rec["iterations"] += 1
+        rec["tokens"] += new_tokens + scores.tokens[k]
+        rec.update(output=output, final_answer=answer, correct=correct)
+
+    def log_rewards(self, records: list[dict]) -> None:
+        """Mean reward by iteration for this batch, to the logger (CSV in the run folder)."""
+        if self.logger is None:
+            return
+        depth = max(len(r["rewards"]) for r in records)
+        metrics = {}
+        for k in range(depth):
+            # a problem that stopped early keeps its last reward for later iterations
+            values = [r["rewards"][min(k, len(r["rewards"]) - 1)] for r in records]
+            metrics[f"reward_iter{k}"] = sum(values) / len(values)
+        self.logger.log_metrics(metrics, step=self._logged_batches)
+        self._logged_batches += 1
+
+    _logged_batches = 0

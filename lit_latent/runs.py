@@ -1,0 +1,40 @@
+"""The run folder and the error handling shared by the entry points."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lit_latent.config import UserError, to_yaml
+
+
+def prepare_run_dir(cfg: Any) -> Path:
+    """Create (or reopen, to resume) the run folder and save the resolved config in it."""
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_name}")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"config key run_dir: {run_dir} exists and is not a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if saved.is_file() and saved.read_text(encoding="utf-8") != text:
+        # a resumed run with other settings: keep the old config beside the new one
+        saved.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    saved.write_text(text, encoding="utf-8")
+    return run_dir
+
+
+def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
+    """Run ``main``; bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
+        return 130
+    return 0

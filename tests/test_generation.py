@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from lit_latent.generation import generate
+
+
+def _prompts(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_cached_hidden_states_match_full_recompute(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
+    kw = dict(max_new_tokens=12, eos_ids=[1], pad_id=0, return_hidden=True)
+    fast = generate(tiny_model, prompts, use_cache=True, **kw)
+    slow = generate(tiny_model, prompts, use_cache=False, **kw)
+    assert fast.tokens == slow.tokens
+    for toks, a, b in zip(fast.tokens, fast.hidden, slow.hidden):
+        assert a.shape == b.shape == (len(toks), 32)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_states_are_post_norm_latents_of_each_token(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["hello", "3 × 4 = 12, so"])
+    out = generate(tiny_model, prompts, max_new_tokens=10, eos_ids=[1], pad_id=0, return_hidden=True)
+    head = tiny_model.get_output_embeddings()
+    for toks, hid in zip(out.tokens, out.hidden):
+        assert hid.shape[0] == len(toks) > 0
+        assert head(hid).argmax(-1).tolist() == toks
+
+
+def test_batched_left_padding_matches_one_by_one(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["short", "a somewhat longer prompt", "mid size"])
+    kw = dict(max_new_tokens=8, eos_ids=[1], pad_id=0, return_hidden=True)
+    batched = generate(tiny_model, prompts, **kw)
+    for i, p in enumerate(prompts):
+        single = generate(tiny_model, [p], **kw)
+        assert single.tokens[0] == batched.tokens[i]
+        torch.testing.assert_close(single.hidden[0], batched.hidden[i], atol=1e-5, rtol=1e-4)
+
+
+def test_continue_from_prefix_equals_uninterrupted_greedy(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["continue me", "and me too"])
+    kw = dict(eos_ids=[1], pad_id=0, return_hidden=True)
+    full = generate(tiny_model, prompts, max_new_tokens=10, **kw)
+    prefixes = [t[:4] for t in full.tokens]
+    cont = generate(tiny_model, prompts, prefixes=prefixes, max_new_tokens=6, **kw)
+    assert cont.tokens == full.tokens
+    for a, b in zip(cont.hidden, full.hidden):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert cont.new_tokens == [len(t) - 4 for t in full.tokens]
+
+
+def test_stops_at_eos_and_max_new_tokens(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["stop", "go on"])
+    probe = generate(tiny_model, prompts, max_new_tokens=5, eos_ids=[1], pad_id=0)
+    # declare the first generated token of row 0 an EOS: row 0 ends at once, row 1 runs on
+    eos = probe.tokens[0][0]
+    out = generate(tiny_model, prompts, max_new_tokens=5, eos_ids=[eos], pad_id=0)
+    assert out.tokens[0] == [] and out.finished[0] and out.new_tokens[0] == 1
+    assert len(out.tokens[1]) <= 5
+    assert eos not in out.tokens[1]
+
+
+def test_sampling_is_reproducible_per_row_generator(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["sample", "another"])
+    def run(order):
+        gens = [torch.Generator().manual_seed(s) for s in order]
+        ps = [prompts[0], prompts[1]] if order == [7, 8] else [prompts[1], prompts[0]]
+        return generate(tiny_model, ps, max_new_tokens=8, eos_ids=[1], pad_id=0, temperature=1.0, generators=gens).tokens
+    a = run([7, 8])
+    b = run([8, 7])
+    assert a[0] == b[1] and a[1] == b[0]
+    different = generate(tiny_model, prompts, max_new_tokens=8, eos_ids=[1], pad_id=0, temperature=1.0,
+                         generators=[torch.Generator().manual_seed(99), torch.Generator().manual_seed(100)]).tokens
+    assert different != a
