@@ -1,6 +1,6 @@
 """Test-time adaptation of a frozen LLM's latents: ``Trainer.predict`` over a problem set.
 
-    python adapt.py                                    # LatentSeek, self-reward, embedded model
+    python adapt.py                                    # configs/latentseek.yaml: self-reward, embedded model
     python adapt.py --config configs/cot.yaml data.limit=100
     python adapt.py reward.kind=verifier data.path=../shared/data/gsm8k_test.jsonl \\
         model.path=/models/Qwen2.5-7B-Instruct model.dtype=bfloat16 trainer.accelerator=gpu
@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from lit_latent.config import AdaptConfig, UserError, help_text, load_config, parse_args
-from lit_latent.runs import prepare_run_dir, run_entry_point
+from pathlib import Path
+
+from lit_latent.config import AdaptConfig, help_text, load_config, parse_args
+from lit_latent.runs import prepare_run_dir, quiet_lightning, run_entry_point
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"
 
 
 def main(argv: list[str]) -> dict:
@@ -24,9 +28,11 @@ def main(argv: list[str]) -> dict:
     if want_help:
         print(help_text(AdaptConfig, "adapt.py"))
         return {}
-    cfg = load_config(AdaptConfig, config_file, overrides)
+    cfg = load_config(AdaptConfig, config_file or str(DEFAULT_CONFIG), overrides)
 
+    quiet_lightning()
     import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     from callbacks.rewards import make_reward
@@ -43,7 +49,7 @@ def main(argv: list[str]) -> dict:
     model, tokenizer = load_model(cfg.model)
 
     writer = PredictionWriter(run_dir)
-    callbacks = [writer]
+    callbacks = [writer, TQDMProgressBar()]
     if cfg.method in ("latentseek", "resample", "best_of_n", "latentevolve"):
         callbacks.append(make_reward(cfg.reward))
     trainer = L.Trainer(

@@ -11,11 +11,16 @@ from __future__ import annotations
 import math
 import re
 import string
+import threading
 from collections.abc import Sequence
 
 import torch
 from math_verify import parse, verify
 from torchmetrics import Metric
+
+# Seconds per math-verify parse/compare on the main thread; a pred like `2^{2^{100}}`
+# would otherwise hang sympy for good.
+MATH_VERIFY_TIMEOUT_S = 5
 
 # `\boxed` / `\fbox`, but not `\boxedfoo`.
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -122,9 +127,9 @@ def is_equivalent(gold: str, pred: str | None, choices: int = 0) -> bool:
     """Whether ``pred`` answers the same as ``gold``; False on None or on any error.
 
     Multiple choice compares letters. Math goes through math-verify with gold first, since
-    ``verify`` is asymmetric (e.g. gold ``x=2`` lets pred ``2`` match). Timeouts are off:
-    math-verify's timeouts use SIGALRM, which raises outside the main thread (Lightning
-    callbacks, DDP workers), so the price is that a pathological pred is not interrupted.
+    ``verify`` is asymmetric (e.g. gold ``x=2`` lets pred ``2`` match). Equal normalised
+    strings skip math-verify. Its SIGALRM timeouts are used only on the main thread; off it
+    (a thread pool, a background writer) they are off, since ``signal.alarm`` raises there.
     """
     if pred is None:
         return False
@@ -139,12 +144,21 @@ def is_equivalent(gold: str, pred: str | None, choices: int = 0) -> bool:
 
 def math_equal(gold: str, pred: str) -> bool:
     """math-verify alone, without the string fast path (so tests can exercise it)."""
+    seconds = _timeout_seconds()
     try:
-        gold_parsed = parse(_wrap(gold), parsing_timeout=None)
-        pred_parsed = parse(_wrap(pred), parsing_timeout=None)
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+        gold_parsed = parse(_wrap(gold), parsing_timeout=seconds)
+        pred_parsed = parse(_wrap(pred), parsing_timeout=seconds)
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
     except Exception:  # noqa: BLE001 - a scorer must never stop a run
         return False
+
+
+def _timeout_seconds() -> int | None:
+    """math-verify's SIGALRM timeout where signals work (main thread), else None.
+
+    Off the main thread ``signal.alarm`` raises, so there the check runs unguarded.
+    """
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 def _strip_answer(s: str) -> str:

@@ -271,7 +271,7 @@ class LatentAdaptationModule(L.LightningModule):
                 scores = reward.score(self, [problems[i] for i in active], texts)
                 for k, i in enumerate(active):
                     current[i] = scores.rewards[k]
-                    self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k)
+                    self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k, latents[i])
             else:
                 # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
                 m = cfg.samples
@@ -294,6 +294,8 @@ class LatentAdaptationModule(L.LightningModule):
                     self.add_candidate(records[i], problems[i], texts[k * m + best], spent, Scores([q[best]], [0]), 0)
                 self.manual_backward(torch.stack(losses).sum())
                 optimizer.step()
+                for i in active:  # what the updated latents now decode to
+                    self.note_latents(records[i]["candidates"][-1], latents[i])
             # 6. stop a problem once its reward passes the threshold
             active = [i for i in active if current[i] < cfg.stop_threshold]
         self.log_rewards(records)
@@ -321,14 +323,22 @@ class LatentAdaptationModule(L.LightningModule):
             rec["initial_verdicts"] = scores.details[k]
         return rec
 
-    def add_candidate(self, rec: dict, problem: dict, output: str, new_tokens: int, scores: Scores, k: int) -> None:
+    def add_candidate(self, rec: dict, problem: dict, output: str, new_tokens: int, scores: Scores, k: int, latents=None) -> None:
         """The newest candidate becomes the answer (the paper returns the last candidate)."""
         answer, correct = self.judge(problem, output)
-        rec["candidates"].append({"reward": scores.rewards[k], "answer": answer, "correct": correct, "tokens": new_tokens + scores.tokens[k]})
+        candidate = {"reward": scores.rewards[k], "answer": answer, "correct": correct, "tokens": new_tokens + scores.tokens[k], "output": output}
+        if latents is not None:
+            self.note_latents(candidate, latents)
+        rec["candidates"].append(candidate)
         rec["rewards"].append(scores.rewards[k])
         rec["iterations"] += 1
         rec["tokens"] += new_tokens + scores.tokens[k]
         rec.update(output=output, final_answer=answer, correct=correct)
+
+    def note_latents(self, candidate: dict, latents: torch.Tensor) -> None:
+        ids = decode_latents(self.lm_head, latents)
+        candidate["latent_tokens"] = ids
+        candidate["latent_prefix"] = self.tokenizer.decode(ids)
 
     def log_rewards(self, records: list[dict]) -> None:
         """Mean reward by iteration for this batch, to the logger (CSV in the run folder)."""

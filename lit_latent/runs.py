@@ -27,6 +27,16 @@ def prepare_run_dir(cfg: Any) -> Path:
     return run_dir
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's banner tips and known deprecation chatter out of the run's output."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     """Run ``main``; bad input is one line on stderr and exit code 2, never a traceback."""
     try:

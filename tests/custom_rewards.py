@@ -1,0 +1,31 @@
+"""Rewards that tests load by import path (reward.kind=custom reward.class_path=custom_rewards.X)."""
+
+from callbacks.rewards import RewardCallback, Scores
+
+
+class FirstCharReward(RewardCallback):
+    """1.0 if the answer starts with ``target``, ``keep`` if it starts with ``original``, else 0."""
+
+    def __init__(self, target: str, original: str, keep: float = 0.5):
+        self.target, self.original, self.keep = target, original, keep
+        self.calls = 0
+
+    def score(self, module, problems, completions):
+        self.calls += 1
+        rewards = [1.0 if c.startswith(self.target) else self.keep if c.startswith(self.original) else 0.0 for c in completions]
+        return Scores(rewards, [0] * len(completions))
+
+
+class PassAfterReward(RewardCallback):
+    """Fails every candidate until a problem has been scored ``n`` times, then passes."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.seen: dict[str, int] = {}
+
+    def score(self, module, problems, completions):
+        rewards = []
+        for p in problems:
+            self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
+            rewards.append(1.0 if self.seen[p["id"]] > self.n else 0.0)
+        return Scores(rewards, [1] * len(problems))

@@ -1,0 +1,127 @@
+"""LatentSeek mechanics on tiny random models."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.rewards import MajorityReward, SelfReward, VerifierReward
+from custom_rewards import FirstCharReward, PassAfterReward
+from lit_latent.config import AdaptConfig, GenerationConfig, LatentConfig
+from lit_latent.data import ProblemDataModule
+from lit_latent.module import LatentAdaptationModule
+
+PROBLEMS = [
+    {"id": "p0", "problem": "What is 2 + 3?", "answer": "5", "choices": None},
+    {"id": "p1", "problem": "Tom has 4 apples and buys 3 more. How many?", "answer": "7", "choices": None},
+    {"id": "p2", "problem": "Half of 10?", "answer": "5", "choices": None},
+]
+
+
+def make_cfg(**latent):
+    cfg = AdaptConfig(method="latentseek", generation=GenerationConfig(max_new_tokens=8))
+    cfg.latent = LatentConfig(**{**dict(lr=0.5, rho=1.0, max_latents=1, max_iterations=6), **latent})
+    return cfg
+
+
+def run(model, tokenizer, cfg, reward, problems=PROBLEMS):
+    module = LatentAdaptationModule(model, tokenizer, cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reward], inference_mode=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    out = trainer.predict(module, datamodule=ProblemDataModule(problems, batch_size=2))
+    return [r for batch in out for r in batch]
+
+
+def first_tokens(model, tokenizer, problem):
+    module = LatentAdaptationModule(model, tokenizer, make_cfg())
+    head = model.get_output_embeddings()
+    out = module.generate(module.encode([problem]), return_hidden=True)
+    top2 = head(out.hidden[0][0]).topk(2).indices.tolist()
+    return [tokenizer.decode([t]) for t in top2]
+
+
+def test_reward_preferring_a_token_flips_the_optimized_latent_to_it(tiny_model, char_tokenizer):
+    # each problem's first latent decodes to `greedy`; the reward pays only for `runner_up`
+    greedy, runner_up = first_tokens(tiny_model, char_tokenizer, PROBLEMS[0])
+    reward = FirstCharReward(target=runner_up, original=greedy, keep=0.0)
+    cfg = make_cfg(lr=0.1, samples=32, sample_temperature=0.1, stop_threshold=2.0, max_iterations=6)
+    recs = run(tiny_model, char_tokenizer, cfg, reward)
+    for rec in recs:
+        prefixes = [c["latent_prefix"] for c in rec["candidates"]]
+        assert rec["initial_output"].startswith(greedy)
+        assert prefixes[-1] == runner_up, prefixes
+        assert prefixes.index(runner_up) <= 4  # within a few steps, and it stays
+        assert all(p == runner_up for p in prefixes[prefixes.index(runner_up):])
+
+
+def test_model_weights_are_bit_identical_and_only_latents_are_optimized(tiny_model, char_tokenizer, monkeypatch):
+    before = copy.deepcopy(tiny_model.state_dict())
+    model_params = {id(p) for p in tiny_model.parameters()}
+    optimized = []
+    real_adam = torch.optim.Adam
+
+    def spy_adam(params, **kw):
+        params = list(params)
+        optimized.extend(params)
+        return real_adam(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
+    run(tiny_model, char_tokenizer, make_cfg(max_latents=4), PassAfterReward(3))
+    assert optimized and all(id(p) not in model_params for p in optimized)
+    assert all(p.shape[-1] == tiny_model.config.hidden_size for p in optimized)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.grad is None and not p.requires_grad for p in tiny_model.parameters())
+
+
+def test_early_stop_and_iteration_cap(tiny_model, char_tokenizer):
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=6), PassAfterReward(2))
+    assert [r["iterations"] for r in recs] == [2, 2, 2]
+    assert all(r["rewards"] == [0.0, 0.0, 1.0] for r in recs)
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=1), PassAfterReward(5))
+    assert [r["iterations"] for r in recs] == [1, 1, 1]
+    recs = run(tiny_model, char_tokenizer, make_cfg(), PassAfterReward(0))
+    assert all(r["iterations"] == 0 and r["output"] == r["initial_output"] for r in recs)
+    # reward generation tokens (1 per scoring in PassAfterReward) are counted
+    assert all(r["tokens"] >= 1 for r in recs)
+
+
+def test_same_seed_same_records(tiny_model, char_tokenizer):
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
+    cfg = make_cfg(samples=3, max_latents=3)
+    a = run(tiny_model, char_tokenizer, cfg, PassAfterReward(3))
+    b = run(tiny_model, char_tokenizer, cfg, PassAfterReward(3))
+    assert strip(a) == strip(b)
+
+
+def test_regenerate_after_first_change_regenerates_after_the_flip(tiny_model, char_tokenizer):
+    cfg = make_cfg(max_latents=6, lr=0.05, regenerate_after_first_change=True)
+    rec = run(tiny_model, char_tokenizer, cfg, PassAfterReward(6), PROBLEMS[:1])[0]
+    module = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
+    prompt = module.encode(PROBLEMS[:1])
+    initial = module.generate(prompt).tokens[0][:6]
+    flipped = 0
+    for cand in rec["candidates"]:
+        decoded = cand["latent_tokens"]
+        first = next((t for t, (a, b) in enumerate(zip(decoded, initial)) if a != b), None)
+        kept = decoded if first is None else decoded[: first + 1]
+        flipped += first is not None and first < len(decoded) - 1
+        # the answer is the latent prefix through its first flip, then the model's own greedy continuation
+        expected = module.generate(prompt, prefixes=[kept]).tokens[0]
+        assert cand["output"] == module.decode([expected])[0]
+    assert flipped >= 1  # some candidate really dropped latent tokens after a flip
+
+
+@pytest.mark.parametrize("reward", [VerifierReward(), SelfReward("latentseek"), SelfReward("latentevolve"), SelfReward("steps"), MajorityReward(3)])
+def test_every_reward_kind_is_in_unit_interval(tiny_model, char_tokenizer, reward):
+    module = LatentAdaptationModule(tiny_model, char_tokenizer, make_cfg())
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[reward], enable_progress_bar=False)
+    module.trainer = trainer
+    completions = ["2 + 3 = 5\nThe answer is \\boxed{5}.", "4 + 3 = 8\nThe answer is \\boxed{8}.", "garbage"]
+    scores = reward.score(module, PROBLEMS, completions)
+    assert len(scores.rewards) == 3 and all(0.0 <= r <= 1.0 for r in scores.rewards)
+    if isinstance(reward, VerifierReward):
+        assert scores.rewards == [1.0, 0.0, 0.0]
