@@ -24,11 +24,11 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"
 
 
 def main(argv: list[str]) -> dict:
-    config_file, overrides, want_help = parse_args(argv)
+    config_files, overrides, want_help = parse_args(argv)
     if want_help:
         print(help_text(AdaptConfig, "adapt.py"))
         return {}
-    cfg = load_config(AdaptConfig, config_file or str(DEFAULT_CONFIG), overrides)
+    cfg = load_config(AdaptConfig, config_files or [str(DEFAULT_CONFIG)], overrides)
 
     quiet_lightning()
     import lightning as L

@@ -68,8 +68,11 @@ class DataConfig:
     """Problems adapted together in one predict_step."""
     max_prompt_tokens: int = 1024
     """Longer prompts are cut from the left, with a warning and a record status."""
+    prompt: str = "auto"
+    """Prompt format: math (step by step, answer in \\boxed{}), choice (list choices, ask for the letter), auto (choice when a row has choices)."""
 
     def __post_init__(self) -> None:
+        _one_of("data.prompt", self.prompt, ("auto", "math", "choice"))
         _positive("data.limit", self.limit)
         _positive("data.batch_size", self.batch_size)
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
@@ -152,6 +155,86 @@ class RewardConfig:
 
 
 @dataclass
+class EvolveConfig:
+    """LatentEvolve's daytime (ALGORITHMS.md §2)."""
+
+    latent_count: int = 15
+    """L': latents of the greedy CoT kept as z_base (paper: 15; its ablation found 30 slightly better)."""
+    top_k: int = 5
+    """Neighbours retrieved from the episodic memory for momentum transfer (paper: not given)."""
+    samples: int = 8
+    """M: sampled outputs per refinement step (paper: 8)."""
+    sample_temperature: float = 1.0
+    """Temperature of the latent policy when sampling the M outputs."""
+    lr: float = 0.3
+    """eta, step size of the refinement (paper: 0.3), used as Adam's learning rate."""
+    max_steps: int = 10
+    """K: refinement steps at most (paper: 10)."""
+    patience: int = 3
+    """Stop once the mean reward has not improved for this many steps (paper: 3)."""
+    baseline: bool = True
+    """Subtract the mean reward of the M samples (the paper has no baseline)."""
+    archive_threshold: float = 0.5
+    """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
+    night_every: int = 200
+    """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
+
+    def __post_init__(self) -> None:
+        for name in ("latent_count", "top_k", "samples", "max_steps", "patience"):
+            _positive(f"evolve.{name}", getattr(self, name))
+        _positive("evolve.lr", self.lr)
+        _positive("evolve.sample_temperature", self.sample_temperature)
+        _positive("evolve.night_every", self.night_every, allow_zero=True)
+
+
+@dataclass
+class MemoryConfig:
+    path: Optional[str] = None
+    """Episodic memory directory (default: <run_dir>/memory); an existing memory is loaded."""
+    backend: str = "torch"
+    """Retrieval: torch (exact cosine top-k) or faiss (optional extra, for large memories)."""
+
+    def __post_init__(self) -> None:
+        _one_of("memory.backend", self.backend, ("torch", "faiss"))
+
+
+@dataclass
+class WeaverConfig:
+    checkpoint: Optional[str] = None
+    """A trained latent weaver to load (a directory written by train.py); null: none yet."""
+    kind: str = "transformer"
+    """transformer (small residual network) or lora (a local HF causal LM adapted with LoRA)."""
+    layers: int = 2
+    """Transformer layers of the small weaver."""
+    heads: int = 4
+    """Attention heads of the small weaver."""
+    backbone_path: Optional[str] = None
+    """For kind=lora: local HF causal LM directory used as the backbone (default: model.path)."""
+    lora_r: int = 8
+    """For kind=lora: LoRA rank."""
+    lora_alpha: int = 16
+    """For kind=lora: LoRA alpha."""
+    lr: float = 1e-3
+    """AdamW learning rate of the weaver."""
+    batch_size: int = 32
+    """Memory entries per training batch."""
+    max_epochs: int = 100
+    """Epochs at most; early stopping on validation MSE usually ends sooner."""
+    val_fraction: float = 0.2
+    """Share of the memory held out for validation MSE and early stopping."""
+    patience: int = 5
+    """Early stopping: epochs without validation improvement."""
+
+    def __post_init__(self) -> None:
+        _one_of("weaver.kind", self.kind, ("transformer", "lora"))
+        for name in ("layers", "heads", "lora_r", "lora_alpha", "batch_size", "max_epochs", "patience"):
+            _positive(f"weaver.{name}", getattr(self, name))
+        _positive("weaver.lr", self.lr)
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"config key weaver.val_fraction: must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     """lightning.Trainer accelerator: cpu, gpu, auto."""
@@ -172,6 +255,9 @@ class AdaptConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    weaver: WeaverConfig = field(default_factory=WeaverConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run_dir: Optional[str] = None
     """Results folder (default: runs/<date>-<time>-<config name>); an existing one resumes."""
@@ -182,6 +268,23 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)
+
+
+@dataclass
+class TrainConfig:
+    """``python train.py``: fit the latent weaver on a logged episodic memory."""
+
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    weaver: WeaverConfig = field(default_factory=WeaverConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: Optional[str] = None
+    """An adapt run folder: its memory (<run_dir>/memory) is used when memory.path is not set."""
+    out: Optional[str] = None
+    """Where the weaver checkpoint goes (default: <memory dir>/../weaver)."""
+    seed: int = 0
+    """Seed of the split and of training."""
+    config_name: str = "train"
+    """Name of the YAML the run came from (set by the loader)."""
 
 
 # --- Loading --------------------------------------------------------------------------------
@@ -212,9 +315,9 @@ def _describe(e: OmegaConfBaseException, schema: type, source: str) -> str:
     return f"{source}: config key {key}: {reason}"
 
 
-def parse_args(argv: list[str]) -> tuple[Optional[str], list[str], bool]:
-    """Split ``[--config FILE] [--help] [key=value ...]``."""
-    config_file, overrides, want_help = None, [], False
+def parse_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """Split ``[--config FILE ...] [--help] [key=value ...]``; several files merge in order."""
+    config_files, overrides, want_help = [], [], False
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -223,23 +326,23 @@ def parse_args(argv: list[str]) -> tuple[Optional[str], list[str], bool]:
         elif arg == "--config":
             if i + 1 >= len(argv):
                 raise UserError("--config needs a file path")
-            config_file = argv[i + 1]
+            config_files.append(argv[i + 1])
             i += 1
         elif arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
+            config_files.append(arg.split("=", 1)[1])
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         else:
             raise UserError(f"unexpected argument {arg!r}: use --config FILE and key=value overrides")
         i += 1
-    return config_file, overrides, want_help
+    return config_files, overrides, want_help
 
 
-def load_config(schema: type, config_file: Optional[str], overrides: list[str]):
-    """Merge schema defaults, a YAML file and CLI overrides, then validate into ``schema``."""
+def load_config(schema: type, config_files: list[str], overrides: list[str]):
+    """Merge schema defaults, YAML files (in order) and CLI overrides, then validate into ``schema``."""
     base = OmegaConf.structured(schema)
-    layers: list[DictConfig] = []
-    if config_file is not None:
+    layers: list[tuple[DictConfig, str]] = []
+    for config_file in config_files:
         path = Path(config_file)
         if not path.is_file():
             raise UserError(f"config file not found: {config_file}")
@@ -261,8 +364,8 @@ def load_config(schema: type, config_file: Optional[str], overrides: list[str]):
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise UserError(_describe(e, schema, source)) from None
-    if config_file is not None and "config_name" in merged:
-        merged.config_name = Path(config_file).stem
+    if config_files and "config_name" in merged:
+        merged.config_name = Path(config_files[0]).stem
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -288,7 +391,7 @@ def help_text(schema: type, command: str) -> str:
             ):
                 docs[(cls.name, stmt.target.id)] = nxt.value.value.strip()
 
-    lines = [f"usage: python {command} [--config FILE] [key=value ...]", "", "keys (default: description):"]
+    lines = [f"usage: python {command} [--config FILE ...] [key=value ...]", "", "keys (default: description):"]
 
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):

@@ -62,9 +62,11 @@ def read_problems(path: str | Path, limit: Optional[int] = None) -> list[dict[st
     return problems
 
 
-def user_message(problem: dict[str, Any]) -> str:
-    """The question as the model is asked it: step by step, answer in \\boxed{}."""
-    if problem.get("choices"):
+def user_message(problem: dict[str, Any], prompt: str = "auto") -> str:
+    """The question as the model is asked it: step by step, answer (or letter) in \\boxed{}."""
+    if prompt == "choice" or (prompt == "auto" and problem.get("choices")):
+        if not problem.get("choices"):
+            raise UserError(f"problem {problem['id']}: data.prompt=choice needs a 'choices' field")
         return choice_prompt(problem["problem"], problem["choices"])
     return math_prompt(problem["problem"])
 

@@ -68,7 +68,7 @@ class LatentAdaptationModule(L.LightningModule):
         limit = self.cfg.data.max_prompt_tokens
         out = []
         for p in problems:
-            ids = self.encode_message(user_message(p))
+            ids = self.encode_message(user_message(p, self.cfg.data.prompt))
             if len(ids) > limit:
                 self._truncated.add(p["id"])
                 ids = ids[-limit:]

@@ -9,12 +9,12 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    cfg = load_config(AdaptConfig, str(path), [])
+    cfg = load_config(AdaptConfig, [str(path)], [])
     assert cfg.config_name == path.stem
 
 
 def test_overrides_reach_typed_fields():
-    cfg = load_config(AdaptConfig, None, ["data.limit=5", "latent.lr=0.1", "trainer.devices=2", "reward.weights.calculation=3"])
+    cfg = load_config(AdaptConfig, [], ["data.limit=5", "latent.lr=0.1", "trainer.devices=2", "reward.weights.calculation=3"])
     assert cfg.data.limit == 5 and cfg.latent.lr == 0.1 and cfg.trainer.devices == 2
     assert cfg.reward.weights == {"calculation": 3}
 
@@ -36,26 +36,26 @@ def test_overrides_reach_typed_fields():
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(UserError) as e:
-        load_config(AdaptConfig, None, overrides)
+        load_config(AdaptConfig, [], overrides)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_bad_config_files(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
-        load_config(AdaptConfig, str(tmp_path / "none.yaml"), [])
+        load_config(AdaptConfig, [str(tmp_path / "none.yaml")], [])
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  limit: [1\n")
     with pytest.raises(UserError, match="bad.yaml: cannot parse YAML"):
-        load_config(AdaptConfig, str(bad), [])
+        load_config(AdaptConfig, [str(bad)], [])
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("latent:\n  rhoo: 0.5\n")
     with pytest.raises(UserError, match=r"unknown.yaml: unknown config key latent.rhoo \(did you mean latent.rho\?\)"):
-        load_config(AdaptConfig, str(unknown), [])
+        load_config(AdaptConfig, [str(unknown)], [])
 
 
 def test_parse_args_and_help():
-    assert parse_args(["--config", "a.yaml", "x=1", "y=2"]) == ("a.yaml", ["x=1", "y=2"], False)
+    assert parse_args(["--config", "a.yaml", "--config=b.yaml", "x=1", "y=2"]) == (["a.yaml", "b.yaml"], ["x=1", "y=2"], False)
     assert parse_args(["--help"])[2] is True
     with pytest.raises(UserError, match="unexpected argument"):
         parse_args(["--verbose"])
