@@ -60,7 +60,8 @@ def main(argv: list[str]) -> dict:
         enable_model_summary=False,
     )
     module = LatentAdaptationModule(model, tokenizer, cfg)
-    datamodule = ProblemDataModule(problems, cfg.data.batch_size, skip_ids=done)
+    batch_size = 1 if cfg.perf.reference_mode else cfg.data.batch_size
+    datamodule = ProblemDataModule(problems, batch_size, skip_ids=done)
     if done:
         print(f"resuming {run_dir}: {len(done)} problems already recorded, {len(datamodule.problems)} to go")
     trainer.predict(module, datamodule=datamodule, return_predictions=False)

@@ -235,6 +235,17 @@ class WeaverConfig:
 
 
 @dataclass
+class PerfConfig:
+    reference_mode: bool = False
+    """The reference implementation's cost profile: batch 1, no KV cache, one verification at a time."""
+    chunk: int = 64
+    """Rows per batched generation of verification prompts and samples."""
+
+    def __post_init__(self) -> None:
+        _positive("perf.chunk", self.chunk)
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     """lightning.Trainer accelerator: cpu, gpu, auto."""
@@ -258,6 +269,7 @@ class AdaptConfig:
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     weaver: WeaverConfig = field(default_factory=WeaverConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run_dir: Optional[str] = None
     """Results folder (default: runs/<date>-<time>-<config name>); an existing one resumes."""

@@ -7,9 +7,10 @@ that produced every generated token: the latents of ALGORITHMS.md, the vectors t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -109,6 +110,33 @@ def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
+@dataclass
+class PromptState:
+    """The prompts' KV cache and last hidden state, computed once and reused by every
+    regeneration of the same problems (LatentSeek decodes up to K candidates per problem)."""
+
+    cache: Any
+    mask: Tensor  # [B, S] left-padded attention mask of the prompts
+    last: Tensor  # [B, d] post-norm state at each prompt's last position: it predicts the first answer token
+
+    def select(self, rows: Sequence[int]) -> "PromptState":
+        """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        cache = copy.copy(self.cache)
+        # layers are shallow-copied: generation rebinds their tensors (torch.cat), never writes in place
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        cache.batch_select_indices(index)
+        return PromptState(cache, self.mask[index], self.last[index])
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -123,12 +151,15 @@ def generate(
     generators: Optional[list[torch.Generator]] = None,
     return_hidden: bool = False,
     use_cache: bool = True,
+    prompt_state: Optional[PromptState] = None,
 ) -> Generation:
     """Batched greedy or sampled decoding of left-padded prompts, optionally after a forced prefix.
 
     ``prefixes[i]`` (answer tokens already chosen, e.g. decoded from optimized latents) is
-    fed after ``prompts[i]`` and the model continues from it. ``use_cache=False`` recomputes
-    the whole sequence at every step: the reference implementation's cost profile.
+    fed after ``prompts[i]`` and the model continues from it. ``prompt_state`` (from
+    ``encode_prompts``, rows matching ``prompts``) skips recomputing the prompts.
+    ``use_cache=False`` recomputes the whole sequence at every step: the reference
+    implementation's cost profile.
     """
     device = next(model.parameters()).device
     backbone = model.base_model
@@ -138,30 +169,51 @@ def generate(
         raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts")
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts")
-    rows = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
-    ids, mask = _left_pad(rows, pad_id, device)
-    batch = len(rows)
+    batch = len(prompts)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-
-    cache = None
-    out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache)
-    cache = out.past_key_values if use_cache else None
-    states = out.last_hidden_state  # [B, S, d]
-
     hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
-    if return_hidden:
-        width = ids.shape[1]
-        for i, prefix in enumerate(prefixes):
-            # the state at position j predicts token j + 1
-            if len(prefix):
-                hidden_rows[i].append(states[i, width - len(prefix) - 1 : width - 1])
-    last = states[:, -1]
+
+    if prompt_state is None or not use_cache:
+        rows = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
+        ids, mask = _left_pad(rows, pad_id, device)
+        out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache)
+        cache = out.past_key_values if use_cache else None
+        states = out.last_hidden_state  # [B, S, d]
+        if return_hidden:
+            width = ids.shape[1]
+            for i, prefix in enumerate(prefixes):
+                # the state at position j predicts token j + 1
+                if len(prefix):
+                    hidden_rows[i].append(states[i, width - len(prefix) - 1 : width - 1])
+        last = states[:, -1]
+    else:
+        if prompt_state.mask.shape[0] != batch:
+            raise ValueError(f"prompt_state has {prompt_state.mask.shape[0]} rows for {batch} prompts")
+        state = prompt_state.select(range(batch))
+        cache, mask, last = state.cache, state.mask, state.last
+        ids = None
+        if any(len(x) for x in prefixes):
+            # the prefixes, left-padded as a block after the cached prompts: pads sit mid-sequence, masked out
+            block, block_mask = _left_pad(prefixes, pad_id, device)
+            mask = torch.cat([mask, block_mask], dim=1)
+            out = backbone(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
+                           past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            width = block.shape[1]
+            has_prefix = torch.tensor([len(x) > 0 for x in prefixes], device=device)
+            last = torch.where(has_prefix[:, None], out.last_hidden_state[:, -1], last)
+            if return_hidden:
+                for i, prefix in enumerate(prefixes):
+                    if len(prefix):
+                        # prefix token 0 is predicted by the prompt's last state, token j by block position j - 1
+                        hidden_rows[i].append(state.last[i : i + 1])
+                        hidden_rows[i].append(out.last_hidden_state[i, width - len(prefix) : width - 1])
 
     new_ids: list[Tensor] = []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
-    all_ids, all_mask = ids, mask
+    all_ids, all_mask = ids, mask  # all_ids is only needed without a cache
     for _ in range(max_new_tokens):
         logits = lm_head(last).float()
         nxt = _pick(logits, temperature, top_p, generators)

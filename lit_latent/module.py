@@ -23,7 +23,7 @@ from callbacks.rewards import RewardCallback, Scores, find_reward, majority_answ
 from lit_latent.answers import extract_answer, is_equivalent
 from lit_latent.config import AdaptConfig
 from lit_latent.data import num_choices, user_message
-from lit_latent.generation import Generation, chat_prompt, eos_token_ids, generate
+from lit_latent.generation import Generation, PromptState, chat_prompt, encode_prompts, eos_token_ids, generate
 from lit_latent.latents import (
     decode_latents,
     keep_through_first_change,
@@ -32,9 +32,6 @@ from lit_latent.latents import (
     sample_latents,
     token_log_probs,
 )
-
-# verification and voting prompts are many and short: generate them in chunks of this many rows
-GENERATION_CHUNK = 64
 
 
 class LatentAdaptationModule(L.LightningModule):
@@ -85,7 +82,18 @@ class LatentAdaptationModule(L.LightningModule):
 
     # --- generation services (also used by reward callbacks) -----------------------------
 
-    def generate(self, prompts, *, prefixes=None, sample: bool = False, generators=None, return_hidden=False, max_new_tokens=None) -> Generation:
+    @property
+    def chunk(self) -> int:
+        return 1 if self.cfg.perf.reference_mode else self.cfg.perf.chunk
+
+    def prompt_state(self, prompts) -> Optional[PromptState]:
+        """The prompts' KV cache, computed once per batch (none in reference mode)."""
+        if self.cfg.perf.reference_mode:
+            return None
+        return encode_prompts(self.model, prompts, self.pad_id)
+
+    def generate(self, prompts, *, prefixes=None, sample: bool = False, generators=None, return_hidden=False,
+                 max_new_tokens=None, prompt_state: Optional[PromptState] = None) -> Generation:
         g = self.cfg.generation
         return generate(
             self.model,
@@ -98,13 +106,15 @@ class LatentAdaptationModule(L.LightningModule):
             top_p=g.top_p,
             generators=generators,
             return_hidden=return_hidden,
+            use_cache=not self.cfg.perf.reference_mode,
+            prompt_state=prompt_state,
         )
 
     def complete(self, messages: Sequence[str], max_new_tokens: int) -> tuple[list[str], list[int]]:
         """Greedy answers to user messages (verification prompts), batched in chunks."""
         texts, counts = [], []
-        for start in range(0, len(messages), GENERATION_CHUNK):
-            chunk = [self.encode_message(m) for m in messages[start : start + GENERATION_CHUNK]]
+        for start in range(0, len(messages), self.chunk):
+            chunk = [self.encode_message(m) for m in messages[start : start + self.chunk]]
             out = self.generate(chunk, max_new_tokens=max_new_tokens)
             texts += self.decode(out.tokens)
             counts += out.new_tokens
@@ -117,8 +127,8 @@ class LatentAdaptationModule(L.LightningModule):
         gens = [self.generator(p["id"], f"{tag}:{k}") for p, k in rows]
         flat = [prompts[i] for i in range(len(problems)) for _ in range(n)]
         texts, counts = [], []
-        for s in range(0, len(flat), GENERATION_CHUNK):
-            out = self.generate(flat[s : s + GENERATION_CHUNK], sample=True, generators=gens[s : s + GENERATION_CHUNK])
+        for s in range(0, len(flat), self.chunk):
+            out = self.generate(flat[s : s + self.chunk], sample=True, generators=gens[s : s + self.chunk])
             texts += self.decode(out.tokens)
             counts += out.new_tokens
         return texts, counts
@@ -212,7 +222,8 @@ class LatentAdaptationModule(L.LightningModule):
         cfg = self.cfg.latent
         reward = find_reward(self.trainer)
         prompts = self.encode(problems)
-        first = self.generate(prompts)
+        state = self.prompt_state(prompts)
+        first = self.generate(prompts, prompt_state=state)
         texts = self.decode(first.tokens)
         scores = reward.score(self, problems, texts)
         records = [self.start_adaptive_record(p, texts[i], first.new_tokens[i], scores, i, reward) for i, p in enumerate(problems)]
@@ -221,7 +232,7 @@ class LatentAdaptationModule(L.LightningModule):
             if not active:
                 break
             gens = [self.generator(problems[i]["id"], f"resample:{step}") for i in active]
-            out = self.generate([prompts[i] for i in active], sample=True, generators=gens)
+            out = self.generate([prompts[i] for i in active], sample=True, generators=gens, prompt_state=state and state.select(active))
             texts = self.decode(out.tokens)
             scores = reward.score(self, [problems[i] for i in active], texts)
             for k, i in enumerate(active):
@@ -236,9 +247,10 @@ class LatentAdaptationModule(L.LightningModule):
         reward = find_reward(self.trainer)
         head = self.lm_head
 
-        # 1. greedy chain of thought with its latents
+        # 1. greedy chain of thought with its latents; the prompts' cache serves every candidate
         prompts = self.encode(problems)
-        first = self.generate(prompts, return_hidden=True)
+        state = self.prompt_state(prompts)
+        first = self.generate(prompts, return_hidden=True, prompt_state=state)
         texts = self.decode(first.tokens)
         scores = reward.score(self, problems, texts)
         records = [self.start_adaptive_record(p, texts[i], first.new_tokens[i], scores, i, reward) for i, p in enumerate(problems)]
@@ -266,7 +278,7 @@ class LatentAdaptationModule(L.LightningModule):
                 self.manual_backward(loss)
                 optimizer.step()
                 prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
-                out = self.generate([prompts[i] for i in active], prefixes=prefixes)
+                out = self.generate([prompts[i] for i in active], prefixes=prefixes, prompt_state=state and state.select(active))
                 texts = self.decode(out.tokens)
                 scores = reward.score(self, [problems[i] for i in active], texts)
                 for k, i in enumerate(active):
@@ -276,7 +288,8 @@ class LatentAdaptationModule(L.LightningModule):
                 # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
                 m = cfg.samples
                 rows = [(i, self.prefix(sample_latents(head, latents[i], cfg.sample_temperature, samplers[i]), original[i])) for i in active for _ in range(m)]
-                out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows])
+                out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
+                                    prompt_state=state and state.select([i for i, _ in rows]))
                 texts = self.decode(out.tokens)
                 scores = reward.score(self, [problems[i] for i, _ in rows], texts)
                 optimizer.zero_grad(set_to_none=True)
