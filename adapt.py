@@ -49,9 +49,13 @@ def main(argv: list[str]) -> dict:
     model, tokenizer = load_model(cfg.model)
 
     writer = PredictionWriter(run_dir)
-    callbacks = [writer, TQDMProgressBar()]
+    callbacks = [TQDMProgressBar()]
     if cfg.method in ("latentseek", "resample", "best_of_n", "latentevolve"):
         callbacks.append(make_reward(cfg.reward))
+    module = LatentAdaptationModule(model, tokenizer, cfg)
+    if cfg.method == "latentevolve":
+        callbacks += setup_latent_evolve(cfg, module, run_dir, problems_done=len(done))
+    callbacks.append(writer)  # last: memory callbacks annotate the records before they are written
     trainer = L.Trainer(
         **cfg.trainer.__dict__,
         callbacks=callbacks,
@@ -59,13 +63,32 @@ def main(argv: list[str]) -> dict:
         inference_mode=False,  # latents need autograd; predict_step also opens enable_grad
         enable_model_summary=False,
     )
-    module = LatentAdaptationModule(model, tokenizer, cfg)
     batch_size = 1 if cfg.perf.reference_mode else cfg.data.batch_size
     datamodule = ProblemDataModule(problems, batch_size, skip_ids=done)
     if done:
         print(f"resuming {run_dir}: {len(done)} problems already recorded, {len(datamodule.problems)} to go")
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.summary
+
+
+def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, problems_done: int) -> list:
+    """The episodic memory (loaded if it exists), a trained weaver if given, and the day/night callbacks."""
+    from callbacks.memory import MemoryCallback, NightCallback
+    from lit_latent.generation import model_id
+    from lit_latent.memory import EpisodicMemory
+    from lit_latent.weaver import load_weaver
+
+    hidden = module.model.config.hidden_size
+    ident = model_id(cfg.model.path)
+    module.memory = EpisodicMemory(cfg.memory.path or run_dir / "memory", ident, hidden, cfg.memory.backend)
+    if cfg.weaver.checkpoint:
+        module.weaver = load_weaver(cfg.weaver.checkpoint, hidden, ident, latent_count=cfg.evolve.latent_count,
+                                    backbone_path=cfg.weaver.backbone_path)
+    callbacks = [MemoryCallback(module.memory, cfg.evolve.archive_threshold)]
+    if cfg.evolve.night_every:
+        callbacks.append(NightCallback(cfg.evolve.night_every, module.memory, cfg.weaver, run_dir / "weaver", cfg.seed,
+                                       ident, hidden, cfg.weaver.backbone_path or cfg.model.path, problems_done))
+    return callbacks
 
 
 if __name__ == "__main__":

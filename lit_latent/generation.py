@@ -44,6 +44,16 @@ def load_model(cfg: ModelConfig):
     return model, tokenizer
 
 
+def model_id(path: str | Path) -> str:
+    """A stable name for a model directory: its folder name and a digest of its config.json.
+    Memories and weavers record it, so that another model's are refused."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha1((path / "config.json").read_bytes()).hexdigest()[:12]
+    return f"{path.resolve().name}-{digest}"
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """All ids that end an answer: the generation config's (instruct models list several) and the tokenizer's."""
     ids: set[int] = set()

@@ -28,6 +28,7 @@ from lit_latent.latents import (
     decode_latents,
     keep_through_first_change,
     latent_count,
+    momentum_init,
     policy_loss,
     sample_latents,
     token_log_probs,
@@ -46,6 +47,10 @@ class LatentAdaptationModule(L.LightningModule):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._use_template = bool(getattr(tokenizer, "chat_template", None))
         self._truncated: set[str] = set()
+        # LatentEvolve: the episodic memory (set by the entry point) and the latent weaver
+        # (loaded from a checkpoint, or handed over by the night callback)
+        self.memory = None
+        self.weaver: Optional[torch.nn.Module] = None
 
     def configure_optimizers(self):
         return None  # latent optimizers are made per batch, inside predict_step
@@ -167,6 +172,7 @@ class LatentAdaptationModule(L.LightningModule):
             "resample": self.resample,
             "self_consistency": self.self_consistency,
             "best_of_n": self.best_of_n,
+            "latentevolve": self.latent_evolve,
         }.get(self.cfg.method)
         if method is None:
             raise ValueError(f"method {self.cfg.method!r} is not run by {type(self).__name__}")
@@ -314,6 +320,109 @@ class LatentAdaptationModule(L.LightningModule):
         self.log_rewards(records)
         return records
 
+    def latent_evolve(self, problems: list[dict]) -> list[dict]:
+        """LatentEvolve's daytime (ALGORITHMS.md §2) for a batch of problems.
+
+        z_base (first L' latents of the greedy CoT) -> weaver -> momentum transfer from the
+        top-k remembered neighbours -> K steps of policy gradient with M sampled outputs ->
+        greedy answer from z*. Each record carries ``_archive`` (e, z_base, z*, mean reward)
+        for the memory callback, which archives it when the mean reward reaches tau.
+        """
+        cfg = self.cfg.evolve
+        reward = find_reward(self.trainer)
+        head = self.lm_head
+        m = cfg.samples
+
+        # 1. e (the prompt's final post-norm state) and z_base (first L' latents of the greedy CoT)
+        prompts = self.encode(problems)
+        state = encode_prompts(self.model, prompts, self.pad_id)
+        first = self.generate(prompts, return_hidden=True, prompt_state=None if self.cfg.perf.reference_mode else state)
+        texts = self.decode(first.tokens)
+        records = []
+        for i, p in enumerate(problems):
+            rec = self.record(p, texts[i], first.new_tokens[i])
+            rec.update(initial_output=texts[i], initial_answer=rec["final_answer"], initial_correct=rec["correct"],
+                       iterations=0, rewards=[], candidates=[], reward_uses_labels=reward.uses_labels)
+            records.append(rec)
+        e = state.last.float()
+        z_base = [h[: cfg.latent_count].detach().float() for h in first.hidden]
+        # answers shorter than L' cannot be compared with the memory: they stay greedy CoT
+        usable = [i for i, z in enumerate(z_base) if z.shape[0] == cfg.latent_count]
+
+        # 2-4. weaver, retrieval, momentum transfer
+        latents: list[Optional[torch.Tensor]] = [None] * len(problems)
+        if usable:
+            zb = torch.stack([z_base[i] for i in usable])
+            with torch.no_grad():
+                woven = self.weaver(e[usable], zb).float() if self.weaver is not None else zb
+            found = self.memory.search(e[usable], cfg.top_k) if self.memory is not None and len(self.memory) else None
+            for k, i in enumerate(usable):
+                z0 = woven[k]
+                if found is not None:
+                    nb = found[k]
+                    z0 = momentum_init(z0, nb.e, e[i], nb.z_star, nb.z_base)
+                    records[i]["neighbours"] = list(nb.ids)
+                latents[i] = z0.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z for z in latents if z is not None], lr=cfg.lr) if usable else None
+        samplers = [self.generator(p["id"], "evolve") for p in problems]
+
+        # 5. refine: M sampled outputs per step, mean-reward baseline, stop after `patience` steps without gain
+        best = {i: float("-inf") for i in usable}
+        stale = {i: 0 for i in usable}
+        last_mean = {i: 0.0 for i in usable}
+        active = list(usable)
+        for step in range(cfg.max_steps):
+            if not active:
+                break
+            rows = [(i, sample_latents(head, latents[i], cfg.sample_temperature, samplers[i])) for i in active for _ in range(m)]
+            out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
+                                prompt_state=None if self.cfg.perf.reference_mode else state.select([i for i, _ in rows]))
+            outs = self.decode(out.tokens)
+            scores = reward.score(self, [problems[i] for i, _ in rows], outs)
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for k, i in enumerate(active):
+                q = scores.rewards[k * m : (k + 1) * m]
+                mean = sum(q) / m
+                base = mean if cfg.baseline else 0.0
+                for j in range(m):
+                    sampled = torch.tensor(rows[k * m + j][1], device=self.device)
+                    lp = token_log_probs(head, latents[i], sampled, cfg.sample_temperature)
+                    losses.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                top = max(range(m), key=lambda j: (q[j], -j))
+                answer, correct = self.judge(problems[i], outs[k * m + top])
+                rec = records[i]
+                rec["rewards"].append(mean)
+                rec["iterations"] += 1
+                rec["tokens"] += sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
+                rec["candidates"].append({"reward": mean, "best_reward": q[top], "answer": answer, "correct": correct})
+                last_mean[i] = mean
+                if mean > best[i]:
+                    best[i], stale[i] = mean, 0
+                else:
+                    stale[i] += 1
+            self.manual_backward(torch.stack(losses).sum())
+            optimizer.step()
+            active = [i for i in active if stale[i] < cfg.patience]
+
+        # 6. answer greedily from z*
+        if usable:
+            prefixes = [decode_latents(head, latents[i]) for i in usable]
+            out = self.generate([prompts[i] for i in usable], prefixes=prefixes,
+                                prompt_state=None if self.cfg.perf.reference_mode else state.select(usable))
+            for k, i in enumerate(usable):
+                text = self.decode([out.tokens[k]])[0]
+                answer, correct = self.judge(problems[i], text)
+                rec = records[i]
+                rec.update(output=text, final_answer=answer, correct=correct)
+                rec["tokens"] += out.new_tokens[k]
+                rec["final_mean_reward"] = last_mean[i]
+                self.note_latents(rec, latents[i])
+                # 7. what the memory callback archives (when final_mean_reward >= tau)
+                rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": latents[i].detach().cpu(), "score": last_mean[i]}
+        self.log_rewards([r for r in records if r["rewards"]] or records)
+        return records
+
     def prefix(self, decoded: list[int], original: list[int]) -> list[int]:
         if self.cfg.latent.regenerate_after_first_change:
             return keep_through_first_change(decoded, original)
@@ -355,8 +464,9 @@ class LatentAdaptationModule(L.LightningModule):
 
     def log_rewards(self, records: list[dict]) -> None:
         """Mean reward by iteration for this batch, to the logger (CSV in the run folder)."""
-        if self.logger is None:
+        if self.logger is None or not any(r["rewards"] for r in records):
             return
+        records = [r for r in records if r["rewards"]]
         depth = max(len(r["rewards"]) for r in records)
         metrics = {}
         for k in range(depth):

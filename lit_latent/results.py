@@ -60,7 +60,8 @@ def repair(path: str | Path) -> int:
 
 
 def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    """Append records durably; keys starting with ``_`` (tensors for callbacks) are not written."""
+    lines = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
         f.write(lines)
         f.flush()

@@ -1,0 +1,92 @@
+"""LatentEvolve's memory updates and nights, as Lightning callbacks.
+
+``MemoryCallback`` archives each finished problem's ``(e, z_base, z*)`` when its final mean
+reward reaches tau (``on_predict_batch_end``, before the writer sees the batch).
+``NightCallback`` trains the latent weaver on the memory every T problems, with the same
+``fit_weaver`` that ``python train.py`` runs, and hands it to the adaptation module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_latent.config import TrainerConfig, WeaverConfig
+
+
+class MemoryCallback(Callback):
+    def __init__(self, memory, threshold: float):
+        self.memory = memory
+        self.threshold = threshold
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: list[dict[str, Any]], batch, batch_idx, dataloader_idx=0):
+        keep = [r for r in outputs if "_archive" in r and r["_archive"]["score"] >= self.threshold]
+        for r in outputs:
+            r["archived"] = any(r is k for k in keep)
+        if keep:
+            self.memory.add(
+                torch.stack([r["_archive"]["e"] for r in keep]),
+                torch.stack([r["_archive"]["z_base"] for r in keep]),
+                torch.stack([r["_archive"]["z_star"] for r in keep]),
+                [float(r["_archive"]["score"]) for r in keep],
+                [r["id"] for r in keep],
+            )
+
+
+class NightCallback(Callback):
+    """Every ``every`` problems (counted over the whole run, resumed ones included), fit a
+    fresh weaver on the memory so far and use it from the next problem on."""
+
+    def __init__(self, every: int, memory, weaver_cfg: WeaverConfig, out_dir: str | Path, seed: int,
+                 model_id: str, hidden_size: int, backbone_path: str | None = None, problems_done: int = 0):
+        self.every = every
+        self.memory = memory
+        self.weaver_cfg = weaver_cfg
+        self.out_dir = Path(out_dir)
+        self.seed = seed
+        self.model_id = model_id
+        self.hidden_size = hidden_size
+        self.backbone_path = backbone_path
+        self.seen = problems_done
+        self.nights: list[dict[str, Any]] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        before = self.seen
+        self.seen += len(outputs)
+        if self.every and self.seen // self.every > before // self.every:
+            self.night(trainer, pl_module)
+
+    def night(self, trainer, pl_module) -> None:
+        from lit_latent.weaver import fit_weaver, load_weaver
+
+        e, z_base, z_star = self.memory.tensors()
+        if trainer.world_size > 1:
+            # every rank trains on the memories of all ranks, so every rank gets the same weaver
+            e, z_base, z_star = (_gather_rows(trainer, x) for x in (e, z_base, z_star))
+        if len(e) < 2:
+            print(f"night after {self.seen} problems skipped: the memory holds {len(e)} entries")
+            return
+        night = len(self.nights) + 1
+        out = self.out_dir / f"night-{night:03d}"
+        # the night's fit runs in this process on this device; in predict, nothing is DDP-wrapped
+        result = fit_weaver(e, z_base, z_star, self.weaver_cfg, TrainerConfig(accelerator="cpu" if pl_module.device.type == "cpu" else "auto", devices=1),
+                            out, self.seed + night, self.hidden_size, self.model_id, self.backbone_path, progress_bar=False)
+        pl_module.weaver = load_weaver(out, self.hidden_size, self.model_id, backbone_path=self.backbone_path).to(pl_module.device)
+        self.nights.append({"after_problems": self.seen, "entries": len(e), "val_mse": result.val_mse,
+                            "identity_val_mse": result.identity_val_mse, "checkpoint": str(out)})
+        print(f"night {night} after {self.seen} problems: weaver on {len(e)} memories, "
+              f"val MSE {result.val_mse:.4f} (identity {result.identity_val_mse:.4f}) -> {out}")
+
+
+def _gather_rows(trainer, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's rows over all ranks (ranks may hold different counts)."""
+    import torch.distributed as dist
+
+    sizes = [None] * trainer.world_size
+    dist.all_gather_object(sizes, x.shape[0])
+    parts = [None] * trainer.world_size
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat([p for p in parts if p is not None and len(p)], dim=0) if any(sizes) else x
