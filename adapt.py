@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lit_latent.config import AdaptConfig, help_text, load_config, parse_args
-from lit_latent.runs import prepare_run_dir, quiet_lightning, run_entry_point
+from lit_latent.runs import GracefulStop, prepare_run_dir, quiet_lightning, run_entry_point
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"
 
@@ -55,7 +55,9 @@ def main(argv: list[str]) -> dict:
     module = LatentAdaptationModule(model, tokenizer, cfg)
     if cfg.method == "latentevolve":
         callbacks += setup_latent_evolve(cfg, module, run_dir, problems_done=len(done))
-    callbacks.append(writer)  # last: memory callbacks annotate the records before they are written
+    callbacks.append(writer)  # after the memory callbacks: they annotate the records before they are written
+    stop = GracefulStop()
+    callbacks.append(stop.callback())  # after the writer: a stop request ends the run once the batch is saved
     trainer = L.Trainer(
         **cfg.trainer.__dict__,
         callbacks=callbacks,
@@ -67,6 +69,7 @@ def main(argv: list[str]) -> dict:
     datamodule = ProblemDataModule(problems, batch_size, skip_ids=done)
     if done:
         print(f"resuming {run_dir}: {len(done)} problems already recorded, {len(datamodule.problems)} to go")
+    stop.install()
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.summary
 

@@ -38,6 +38,11 @@ class PredictionWriter(BasePredictionWriter):
         if bar is not None and getattr(bar, "predict_progress_bar", None) is not None:
             bar.predict_progress_bar.set_postfix(problems=self.done, accuracy=f"{self.correct / self.done:.3f}")
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # a stopped or failed run still leaves a summary of what it finished
+        if trainer.global_rank == 0 and self.final_path.is_file():
+            self.summary = write_summary(self.run_dir, read_records(self.final_path))
+
     def on_predict_end(self, trainer, pl_module) -> None:
         if trainer.world_size > 1:
             trainer.strategy.barrier("predictions-written")

@@ -12,6 +12,7 @@ the loss goes through ``lm_head`` only, never back through the transformer.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from typing import Any, Optional, Sequence
@@ -276,18 +277,20 @@ class LatentAdaptationModule(L.LightningModule):
                 break
             if cfg.samples == 1:
                 # 3-5. REINFORCE on the tokens the latents decode to, then a new candidate
-                optimizer.zero_grad(set_to_none=True)
-                loss = sum(
-                    policy_loss(token_log_probs(head, latents[i], torch.tensor(decode_latents(head, latents[i]), device=self.device)).sum(), current[i] - 1.0)
-                    for i in active
-                )
-                self.manual_backward(loss)
-                optimizer.step()
+                losses = {}
+                for i in active:
+                    tokens = torch.tensor(decode_latents(head, latents[i]), device=self.device)
+                    losses[i] = policy_loss(token_log_probs(head, latents[i], tokens).sum(), current[i] - 1.0)
+                active = self.optimizer_step(optimizer, latents, losses, records)
+                if not active:
+                    break
                 prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
                 out = self.generate([prompts[i] for i in active], prefixes=prefixes, prompt_state=state and state.select(active))
                 texts = self.decode(out.tokens)
                 scores = reward.score(self, [problems[i] for i in active], texts)
                 for k, i in enumerate(active):
+                    if self.numerical_error(records[i], "reward", scores.rewards[k]):
+                        continue  # the problem keeps its last good candidate
                     current[i] = scores.rewards[k]
                     self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k, latents[i])
             else:
@@ -298,21 +301,23 @@ class LatentAdaptationModule(L.LightningModule):
                                     prompt_state=state and state.select([i for i, _ in rows]))
                 texts = self.decode(out.tokens)
                 scores = reward.score(self, [problems[i] for i, _ in rows], texts)
-                optimizer.zero_grad(set_to_none=True)
-                losses = []
+                losses = {}
                 for k, i in enumerate(active):
                     q = scores.rewards[k * m : (k + 1) * m]
+                    if self.numerical_error(records[i], "reward", sum(q)):
+                        continue
                     base = sum(q) / m if cfg.baseline else 1.0
+                    terms = []
                     for j in range(m):
                         sampled = rows[k * m + j][1]  # the prefix drawn from the latent policy
                         lp = token_log_probs(head, latents[i][: len(sampled)], torch.tensor(sampled, device=self.device), cfg.sample_temperature)
-                        losses.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                        terms.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                    losses[i] = torch.stack(terms).sum()
                     best = max(range(m), key=lambda j: (q[j], -j))
                     current[i] = q[best]
                     spent = sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
                     self.add_candidate(records[i], problems[i], texts[k * m + best], spent, Scores([q[best]], [0]), 0)
-                self.manual_backward(torch.stack(losses).sum())
-                optimizer.step()
+                active = self.optimizer_step(optimizer, latents, losses, records)
                 for i in active:  # what the updated latents now decode to
                     self.note_latents(records[i]["candidates"][-1], latents[i])
             # 6. stop a problem once its reward passes the threshold
@@ -379,16 +384,19 @@ class LatentAdaptationModule(L.LightningModule):
                                 prompt_state=None if self.cfg.perf.reference_mode else state.select([i for i, _ in rows]))
             outs = self.decode(out.tokens)
             scores = reward.score(self, [problems[i] for i, _ in rows], outs)
-            optimizer.zero_grad(set_to_none=True)
-            losses = []
+            losses = {}
             for k, i in enumerate(active):
                 q = scores.rewards[k * m : (k + 1) * m]
+                if self.numerical_error(records[i], "reward", sum(q)):
+                    continue
                 mean = sum(q) / m
                 base = mean if cfg.baseline else 0.0
+                terms = []
                 for j in range(m):
                     sampled = torch.tensor(rows[k * m + j][1], device=self.device)
                     lp = token_log_probs(head, latents[i], sampled, cfg.sample_temperature)
-                    losses.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                    terms.append(policy_loss(lp.sum(), (q[j] - base) / m))
+                losses[i] = torch.stack(terms).sum()
                 top = max(range(m), key=lambda j: (q[j], -j))
                 answer, correct = self.judge(problems[i], outs[k * m + top])
                 rec = records[i]
@@ -401,9 +409,7 @@ class LatentAdaptationModule(L.LightningModule):
                     best[i], stale[i] = mean, 0
                 else:
                     stale[i] += 1
-            self.manual_backward(torch.stack(losses).sum())
-            optimizer.step()
-            active = [i for i in active if stale[i] < cfg.patience]
+            active = [i for i in self.optimizer_step(optimizer, latents, losses, records) if stale[i] < cfg.patience]
 
         # 6. answer greedily from z*
         if usable:
@@ -422,6 +428,36 @@ class LatentAdaptationModule(L.LightningModule):
                 rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": latents[i].detach().cpu(), "score": last_mean[i]}
         self.log_rewards([r for r in records if r["rewards"]] or records)
         return records
+
+    def optimizer_step(self, optimizer, latents: list, losses: dict[int, torch.Tensor], records: list[dict]) -> list[int]:
+        """One step on the latents of the problems in ``losses``; returns those still healthy.
+
+        A non-finite loss, or latents that turn non-finite, end that problem's adaptation: its
+        latents are restored, it keeps its last good candidate, its record says what happened.
+        """
+        healthy = {i: loss for i, loss in losses.items() if not self.numerical_error(records[i], "loss", loss)}
+        if not healthy:
+            return []
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(torch.stack(list(healthy.values())).sum())
+        before = {i: latents[i].detach().clone() for i in healthy}
+        optimizer.step()
+        for i in healthy:
+            if not bool(torch.isfinite(latents[i]).all()):
+                with torch.no_grad():
+                    latents[i].copy_(before[i])
+                self.numerical_error(records[i], "latents", float("nan"))
+        return [i for i in healthy if records[i]["status"] != "numerical_error"]
+
+    @staticmethod
+    def numerical_error(record: dict, what: str, value) -> bool:
+        """Flag a NaN/inf ``value`` in the record; True when it was not finite."""
+        value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if math.isfinite(value):
+            return False
+        record["status"] = "numerical_error"
+        record["numerical_error"] = f"non-finite {what} at iteration {record.get('iterations', 0) + 1}"
+        return True
 
     def prefix(self, decoded: list[int], original: list[int]) -> list[int]:
         if self.cfg.latent.regenerate_after_first_change:

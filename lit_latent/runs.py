@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from lit_latent.config import UserError, to_yaml
 
@@ -37,6 +37,53 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+class StopRequested(Exception):
+    """SIGTERM or Ctrl-C arrived: the batch in flight was finished and written, then the run stopped."""
+
+
+class GracefulStop:
+    """First SIGTERM / SIGINT: finish and write the current batch, then stop. A second Ctrl-C stops at once.
+
+    Used as a Lightning callback (kept last, after the writer): it checks the flag at each
+    batch end.
+    """
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self.requested is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = signal.Signals(signum).name
+            print(f"\n{self.requested} received: stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def callback(self):
+        from lightning.pytorch.callbacks import Callback
+
+        stop = self
+
+        class _Check(Callback):
+            def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+                if stop.requested is not None:
+                    raise StopRequested(stop.requested)
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if stop.requested is not None:
+                    trainer.should_stop = True
+
+        return _Check()
+
+
 def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     """Run ``main``; bad input is one line on stderr and exit code 2, never a traceback."""
     try:
@@ -44,6 +91,9 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(f"stopped on {e}: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
         return 130

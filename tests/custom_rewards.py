@@ -29,3 +29,18 @@ class PassAfterReward(RewardCallback):
             self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
             rewards.append(1.0 if self.seen[p["id"]] > self.n else 0.0)
         return Scores(rewards, [1] * len(problems))
+
+
+class NaNReward(RewardCallback):
+    """Fails every candidate, and scores problem ``bad``'s second candidate as NaN."""
+
+    def __init__(self, bad: str):
+        self.bad = bad
+        self.calls: dict[str, int] = {}
+
+    def score(self, module, problems, completions):
+        rewards = []
+        for p in problems:
+            self.calls[p["id"]] = self.calls.get(p["id"], 0) + 1
+            rewards.append(float("nan") if p["id"] == self.bad and self.calls[p["id"]] == 3 else 0.0)
+        return Scores(rewards, [0] * len(problems))

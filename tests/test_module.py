@@ -125,3 +125,31 @@ def test_every_reward_kind_is_in_unit_interval(tiny_model, char_tokenizer, rewar
     assert len(scores.rewards) == 3 and all(0.0 <= r <= 1.0 for r in scores.rewards)
     if isinstance(reward, VerifierReward):
         assert scores.rewards == [1.0, 0.0, 0.0]
+
+
+def test_nan_reward_keeps_last_good_candidate_and_the_run_goes_on(tiny_model, char_tokenizer):
+    from custom_rewards import NaNReward
+
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=4, max_latents=3), NaNReward(bad="p1"))
+    bad = next(r for r in recs if r["id"] == "p1")
+    assert bad["status"] == "numerical_error" and "non-finite reward at iteration 2" in bad["numerical_error"]
+    assert bad["iterations"] == 1 and bad["output"] == bad["candidates"][-1]["output"]
+    assert all(r["status"] == "ok" and r["iterations"] == 4 for r in recs if r["id"] != "p1")
+
+
+def test_nan_in_latents_is_caught(tiny_model, char_tokenizer, monkeypatch):
+    import lit_latent.module as module_lib
+
+    real = module_lib.token_log_probs
+    calls = {"n": 0}
+
+    def poisoned(head, latents, tokens, temperature=1.0):
+        calls["n"] += 1
+        out = real(head, latents, tokens, temperature)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(module_lib, "token_log_probs", poisoned)
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=3), PassAfterReward(10), PROBLEMS[:2])
+    flagged = [r for r in recs if r["status"] == "numerical_error"]
+    assert len(flagged) == 1 and "non-finite loss" in flagged[0]["numerical_error"]
+    assert all(r["iterations"] == 3 for r in recs if r["status"] == "ok")
