@@ -13,8 +13,8 @@ with the same ``run_dir`` skips the problems already recorded.
 
 from __future__ import annotations
 
+import os
 import sys
-
 from pathlib import Path
 
 from lit_latent.config import AdaptConfig, help_text, load_config, parse_args
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> dict:
     from lightning.pytorch.loggers import CSVLogger
 
     from callbacks.rewards import make_reward
-    from callbacks.writer import PredictionWriter
+    from callbacks.writer import PredictionWriter, merge_rank_files
     from lit_latent.data import ProblemDataModule, read_problems
     from lit_latent.generation import load_model
     from lit_latent.module import LatentAdaptationModule
@@ -44,6 +44,8 @@ def main(argv: list[str]) -> dict:
 
     problems = read_problems(cfg.data.path, cfg.data.limit)
     run_dir = prepare_run_dir(cfg)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done
     done = {r["id"] for r in read_records(run_dir / "predictions.jsonl")}
     L.seed_everything(cfg.seed, verbose=False)
     model, tokenizer = load_model(cfg.model)
