@@ -1,0 +1,291 @@
+"""LatentEvolve's episodic memory: entries ``(e, z_base, z*, score, problem id)`` on disk and in RAM.
+
+On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_base`` and
+``z_star [n, L', d]``) plus ``manifest.json`` (model id, hidden size, latent count, and per
+shard its problem ids and scores). Every write is atomic (temp file, fsync, ``os.replace``)
+and a shard is written before the manifest that lists it, so a killed write leaves the
+previous memory loadable: a shard the manifest does not list is ignored.
+
+In RAM every tensor is kept, with the L2-normalised ``e`` rows cached as one ``[N, D]``
+matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFlatIP`` with
+``backend="faiss"``. One process writes a memory at a time; others may read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from lit_latent.config import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "lit_latent.memory/1"
+
+
+@dataclass
+class Neighbours:
+    """The retrieved entries of one query, best first."""
+
+    e: Tensor  # [k, D]
+    z_base: Tensor  # [k, L', d]
+    z_star: Tensor  # [k, L', d]
+    similarity: Tensor  # [k], cosine
+    ids: list[str]
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then fsync and ``os.replace`` onto ``path``: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class _Rows:
+    """A tensor that grows by rows with doubling capacity, so appends are amortised O(rows added)."""
+
+    def __init__(self) -> None:
+        self.buf: Optional[Tensor] = None
+        self.n = 0
+
+    def append(self, rows: Tensor) -> None:
+        if self.buf is None:
+            self.buf = torch.empty((max(len(rows), 64), *rows.shape[1:]), dtype=rows.dtype)
+        elif self.n + len(rows) > len(self.buf):
+            grown = torch.empty((max(2 * len(self.buf), self.n + len(rows)), *self.buf.shape[1:]), dtype=self.buf.dtype)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def view(self) -> Optional[Tensor]:
+        return None if self.buf is None else self.buf[: self.n]
+
+
+def _normalise(e: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(e.float(), dim=-1)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+class EpisodicMemory:
+    """Episodic memory of one model; ``path=None`` keeps it in RAM only (tests, benchmarks)."""
+
+    def __init__(self, path: Union[str, Path, None], model_id: str, hidden_size: int, backend: str = "torch"):
+        self.path = None if path is None else Path(path)
+        self.model_id = str(model_id)
+        self.hidden_size = int(hidden_size)
+        self.backend = backend
+        self.e_size: Optional[int] = None  # D, set by the first entry
+        self.latent_count: Optional[int] = None  # L', set by the first entry
+        self._ids: list[str] = []
+        self._scores: list[float] = []
+        self._id_set: set[str] = set()
+        self._shards: list[dict] = []  # manifest entries
+        self._e, self._e_unit, self._z_base, self._z_star = _Rows(), _Rows(), _Rows(), _Rows()
+        self._faiss_index = None
+        if backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise UserError("memory.backend=faiss needs faiss: pip install lit_latent[faiss] (or use memory.backend=torch)") from None
+        elif backend != "torch":
+            raise UserError(f"config key memory.backend: {backend!r} is not one of torch, faiss")
+        if self.path is not None:
+            self._open()
+
+    @classmethod
+    def open(cls, path: Union[str, Path], backend: str = "torch") -> "EpisodicMemory":
+        """Load an existing memory, whatever its model (train.py, which has no model of its own)."""
+        manifest = _read_manifest(Path(path))
+        if manifest is None:
+            raise UserError(f"no episodic memory at {path} ({MANIFEST} not found)")
+        return cls(path, manifest["model_id"], manifest["hidden_size"], backend)
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"memory.path {self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = _read_manifest(self.path)
+        if manifest is None:
+            return
+        if manifest["model_id"] != self.model_id or manifest["hidden_size"] != self.hidden_size:
+            raise UserError(
+                f"memory at {self.path} was made with model {manifest['model_id']} (hidden {manifest['hidden_size']}), "
+                f"not {self.model_id} (hidden {self.hidden_size})"
+            )
+        self.e_size, self.latent_count = manifest.get("e_size"), manifest.get("latent_count")
+        from safetensors.torch import load_file
+
+        for shard in manifest["shards"]:
+            file = self.path / shard["file"]
+            ids, scores = [str(i) for i in shard["ids"]], [float(s) for s in shard["scores"]]
+            if not file.is_file():
+                raise UserError(f"memory at {self.path}: shard {file.name} listed in {MANIFEST} is missing")
+            try:
+                tensors = load_file(file)
+                e, z_base, z_star = tensors["e"], tensors["z_base"], tensors["z_star"]
+            except Exception as err:
+                reason = (str(err).splitlines() or [type(err).__name__])[0]
+                raise UserError(f"memory at {self.path}: shard {file.name} is unreadable or truncated ({reason})") from None
+            expected = (len(ids), self.latent_count, self.hidden_size)
+            shapes = (tuple(e.shape), tuple(z_base.shape), tuple(z_star.shape))
+            if len(scores) != len(ids) or shapes != ((len(ids), self.e_size), expected, expected):
+                raise UserError(f"memory at {self.path}: shard {file.name} does not match {MANIFEST} (shapes or entry count)")
+            self._append(e, z_base, z_star, scores, ids)
+            self._shards.append({"file": shard["file"], "ids": ids, "scores": scores})
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def scores(self) -> list[float]:
+        return list(self._scores)
+
+    def __contains__(self, problem_id: str) -> bool:
+        return str(problem_id) in self._id_set
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All ``e [N, D]``, ``z_base [N, L', d]``, ``z_star [N, L', d]`` (views: do not modify)."""
+        if not self._ids:
+            empty_z = torch.empty(0, self.latent_count or 0, self.hidden_size)
+            return torch.empty(0, self.e_size or self.hidden_size), empty_z, empty_z.clone()
+        return self._e.view(), self._z_base.view(), self._z_star.view()
+
+    def search(self, e: Tensor, k: int) -> list[Neighbours]:
+        """Per query row of ``e [B, D]`` (or one ``[D]``): the top-k entries by cosine similarity."""
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        queries = _normalise(e.detach().cpu().reshape(-1, e.shape[-1]))
+        if not self._ids:
+            return [self._gather(torch.empty(0, dtype=torch.long), torch.empty(0)) for _ in range(len(queries))]
+        if queries.shape[1] != self.e_size:
+            raise ValueError(f"query size {queries.shape[1]} != memory embedding size {self.e_size}")
+        k = min(k, len(self._ids))
+        if self._faiss_index is not None:
+            sims, index = self._faiss_index.search(queries.numpy(), k)
+            sims, index = torch.from_numpy(sims), torch.from_numpy(index).long()
+        else:
+            sims, index = torch.topk(queries @ self._e_unit.view().T, k, dim=1)  # [B, N] -> [B, k]
+        return [self._gather(i, s) for i, s in zip(index, sims)]
+
+    def _gather(self, index: Tensor, sims: Tensor) -> Neighbours:
+        if not self._ids:
+            e, z_base, z_star = self.tensors()
+            return Neighbours(e, z_base, z_star, sims, [])
+        # index_select, not x[index]: advanced indexing of the 3-D buffers costs O(N) here
+        return Neighbours(
+            self._e.view().index_select(0, index), self._z_base.view().index_select(0, index),
+            self._z_star.view().index_select(0, index), sims, [self._ids[i] for i in index.tolist()],
+        )
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def add(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], problem_ids: list[str]) -> None:
+        """Archive a batch ``e [B, D]``, ``z_base``/``z_star [B, L', d]`` as one new shard; known ids are skipped."""
+        n = len(problem_ids)
+        if e.dim() != 2 or z_base.dim() != 3 or z_base.shape != z_star.shape or not (len(e) == len(z_base) == len(scores) == n):
+            raise ValueError(
+                f"add needs e [B, D], z_base and z_star [B, L, d] and B scores and ids; got e {tuple(e.shape)}, "
+                f"z_base {tuple(z_base.shape)}, z_star {tuple(z_star.shape)}, {len(scores)} scores, {n} ids"
+            )
+        if z_base.shape[2] != self.hidden_size:
+            raise ValueError(f"latents have size {z_base.shape[2]}, the memory's model has hidden size {self.hidden_size}")
+        if self.latent_count is not None and z_base.shape[1] != self.latent_count:
+            where = f"memory at {self.path}" if self.path else "the memory"
+            raise UserError(
+                f"{where} holds {self.latent_count} latents per entry, got {z_base.shape[1]}: "
+                f"set evolve.latent_count={self.latent_count} or use another memory.path"
+            )
+        if self.e_size is not None and e.shape[1] != self.e_size:
+            raise ValueError(f"embedding size {e.shape[1]} != the memory's {self.e_size}")
+        ids = [str(i) for i in problem_ids]
+        keep, seen = [], set()
+        for row, pid in enumerate(ids):  # never a problem id twice, within the batch either
+            if pid not in self._id_set and pid not in seen:
+                keep.append(row)
+                seen.add(pid)
+        if not keep:
+            return
+        rows = torch.tensor(keep)
+        e, z_base, z_star = (x.detach().cpu().float()[rows].contiguous() for x in (e, z_base, z_star))
+        ids, scores = [ids[i] for i in keep], [float(scores[i]) for i in keep]
+        e_size, latent_count = e.shape[1], z_base.shape[1]
+        if self.path is not None:
+            from safetensors.torch import save_file
+
+            # numbering continues from the last listed shard; an unlisted leftover of a crash is overwritten
+            last = max((int(s["file"][6:12]) for s in self._shards), default=0)
+            name = _shard_name(last + 1)
+            write_atomic(self.path / name, lambda tmp: save_file({"e": e, "z_base": z_base, "z_star": z_star}, str(tmp)))
+            shards = self._shards + [{"file": name, "ids": ids, "scores": scores}]
+            manifest = {
+                "format": FORMAT, "model_id": self.model_id, "hidden_size": self.hidden_size, "e_size": e_size,
+                "latent_count": latent_count, "entries": len(self) + len(ids), "shards": shards,
+            }
+            text = json.dumps(manifest)
+            write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self._shards = shards
+        # RAM changes only once the manifest is on disk
+        self.e_size, self.latent_count = e_size, latent_count
+        self._append(e, z_base, z_star, scores, ids)
+
+    def _append(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], ids: list[str]) -> None:
+        unit = _normalise(e)
+        self._e.append(e)
+        self._e_unit.append(unit)
+        self._z_base.append(z_base)
+        self._z_star.append(z_star)
+        self._ids.extend(ids)
+        self._id_set.update(ids)
+        self._scores.extend(scores)
+        if self.backend == "faiss":
+            import faiss
+
+            if self._faiss_index is None:
+                self._faiss_index = faiss.IndexFlatIP(unit.shape[1])
+            self._faiss_index.add(unit.numpy())
+
+
+def _read_manifest(path: Path) -> Optional[dict]:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        for key in ("model_id", "hidden_size", "shards"):
+            manifest[key]
+    except (ValueError, KeyError, TypeError) as err:
+        reason = (str(err).splitlines() or [""])[0]
+        raise UserError(f"memory at {path}: {MANIFEST} is unreadable ({type(err).__name__}: {reason})") from None
+    return manifest
