@@ -23,6 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_model(cfg: ModelConfig):
     """Load a local HF causal LM and its tokenizer, frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tiny bar per load clutters every run's output
 
     path = Path(cfg.path)
     if not path.is_dir():

@@ -1,0 +1,75 @@
+"""LatentEvolve end to end on a tiny model: momentum transfer, archiving, nights, train.py -> adapt.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapt
+import train
+from lit_latent.latents import momentum_init
+from lit_latent.memory import EpisodicMemory
+from lit_latent.results import read_records
+from lit_latent.runs import run_entry_point
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_momentum_transfer_equals_the_formula():
+    g = torch.Generator().manual_seed(0)
+    z_base, e = torch.randn(4, 8, generator=g), torch.randn(6, generator=g)
+    nb_e, nb_zb, nb_zs = torch.randn(3, 6, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    cos = torch.stack([torch.dot(e, x) / (e.norm() * x.norm()) for x in nb_e])
+    alpha = torch.exp(cos) / torch.exp(cos).sum()
+    expected = z_base + sum(alpha[j] * (nb_zs[j] - nb_zb[j]) for j in range(3))
+    torch.testing.assert_close(momentum_init(z_base, nb_e, e, nb_zs, nb_zb), expected)
+    torch.testing.assert_close(momentum_init(z_base, nb_e[:0], e, nb_zs[:0], nb_zb[:0]), z_base)
+
+
+@pytest.fixture()
+def ten_problems(tmp_path):
+    path = tmp_path / "ten.jsonl"
+    path.write_text("".join(json.dumps({"id": f"e{i}", "problem": f"{i} times 2?", "answer": str(2 * i)}) + "\n" for i in range(10)))
+    return path
+
+
+def evolve_args(model_dir, data, run_dir, *extra):
+    return ["--config", str(ROOT / "configs" / "latentevolve.yaml"), f"model.path={model_dir}", f"data.path={data}",
+            f"run_dir={run_dir}", "generation.max_new_tokens=6", "evolve.samples=2", "evolve.max_steps=2",
+            "evolve.latent_count=3", "data.batch_size=4", "trainer.accelerator=cpu", "reward.kind=custom",
+            "reward.class_path=custom_rewards.IdReward", "reward.kwargs.good=[e1,e3,e4,e8]", "weaver.max_epochs=2", *extra]
+
+
+def test_day_night_archive_threshold_and_weaver_round_trip(tiny_model_dir, ten_problems, tmp_path):
+    run_dir = tmp_path / "day"
+    adapt.main(evolve_args(tiny_model_dir, ten_problems, run_dir, "evolve.night_every=4"))
+    records = read_records(run_dir / "predictions.jsonl")
+    assert len(records) == 10
+    # archived exactly when the final mean reward reaches tau = 0.5
+    assert {r["id"] for r in records if r["archived"]} == {"e1", "e3", "e4", "e8"}
+    memory = EpisodicMemory.open(run_dir / "memory")
+    assert sorted(memory.ids) == ["e1", "e3", "e4", "e8"]
+    e, z_base, z_star = memory.tensors()
+    assert z_base.shape == z_star.shape == (4, 3, 32) and e.shape == (4, 32)
+    # nights after 4 and 8 problems (the first has 2 memories, the second 3): two weavers written
+    assert sorted(p.name for p in (run_dir / "weaver").iterdir()) == ["night-001", "night-002"]
+    # later problems started from neighbours in memory
+    assert any(r.get("neighbours") for r in records[4:])
+
+    # night-time consolidation from the logged day, then a day that uses the weaver
+    assert run_entry_point(train.main, [f"run_dir={run_dir}", "weaver.max_epochs=3"]) == 0
+    checkpoint = run_dir / "weaver"
+    assert (checkpoint / "weaver.safetensors").is_file()
+    second = tmp_path / "day2"
+    adapt.main(evolve_args(tiny_model_dir, ten_problems, second, f"weaver.checkpoint={checkpoint}", "evolve.night_every=0",
+                           f"memory.path={run_dir / 'memory'}"))
+    assert len(read_records(second / "predictions.jsonl")) == 10
+
+
+def test_memory_of_another_model_is_refused(tiny_model_dir, ten_problems, tmp_path, capsys):
+    memory = EpisodicMemory(tmp_path / "mem", "some-other-model", 64)
+    memory.add(torch.zeros(1, 64), torch.zeros(1, 3, 64), torch.zeros(1, 3, 64), [1.0], ["x"])
+    rc = run_entry_point(adapt.main, evolve_args(tiny_model_dir, ten_problems, tmp_path / "r", f"memory.path={tmp_path / 'mem'}"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "some-other-model" in err and "\n" not in err
