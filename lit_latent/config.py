@@ -240,6 +240,10 @@ class PerfConfig:
     """The reference implementation's cost profile: batch 1, no KV cache, one verification at a time."""
     chunk: int = 64
     """Rows per batched generation of verification prompts and samples."""
+    autocast: bool = False
+    """Run generation under bf16 autocast (for GPUs; latents and their loss stay float32)."""
+    compile: bool = False
+    """torch.compile the transformer's forward (the decode step); pays off on long GPU runs."""
 
     def __post_init__(self) -> None:
         _positive("perf.chunk", self.chunk)

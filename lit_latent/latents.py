@@ -22,7 +22,9 @@ def latent_count(answer_length: int, rho: float, max_latents: int) -> int:
 
 def token_log_probs(lm_head: nn.Module, latents: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log p(tokens[t] | latents[t]) for each position: ``[L, d], [L] -> [L]``."""
-    logits = lm_head(latents.to(lm_head.weight.dtype)).float() / temperature
+    # the policy gradient stays in full precision even when generation runs under autocast
+    with torch.autocast(latents.device.type, enabled=False):
+        logits = lm_head(latents.to(lm_head.weight.dtype)).float() / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -53,6 +53,12 @@ class LatentAdaptationModule(L.LightningModule):
         self.memory = None
         self.weaver: Optional[torch.nn.Module] = None
 
+    def setup(self, stage: str) -> None:
+        if self.cfg.perf.compile and not getattr(self, "_compiled", False):
+            # dynamic shapes: batch and cache lengths change at every step
+            self.model.base_model.forward = torch.compile(self.model.base_model.forward, dynamic=True)
+            self._compiled = True
+
     def configure_optimizers(self):
         return None  # latent optimizers are made per batch, inside predict_step
 
@@ -178,7 +184,8 @@ class LatentAdaptationModule(L.LightningModule):
         if method is None:
             raise ValueError(f"method {self.cfg.method!r} is not run by {type(self).__name__}")
         # Lightning wraps predict in no_grad even with inference_mode=False
-        with torch.enable_grad():
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.perf.autocast)
+        with torch.enable_grad(), autocast:
             records = method(batch)
         seconds = (time.perf_counter() - start) / max(1, len(batch))
         for rec in records:
