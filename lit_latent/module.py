@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import zlib
 from typing import Any, Optional, Sequence
 
@@ -79,6 +80,8 @@ class LatentAdaptationModule(L.LightningModule):
         for p in problems:
             ids = self.encode_message(user_message(p, self.cfg.data.prompt))
             if len(ids) > limit:
+                if p["id"] not in self._truncated:
+                    warnings.warn(f"problem {p['id']}: prompt of {len(ids)} tokens cut to data.max_prompt_tokens={limit}")
                 self._truncated.add(p["id"])
                 ids = ids[-limit:]
             out.append(ids)

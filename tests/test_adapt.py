@@ -108,3 +108,12 @@ def test_gsm8k_limit_5_on_a_local_hf_model(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "gsm"
     adapt.main(adapt_args(tiny_model_dir, path, run_dir, "data.limit=5"))
     assert len(read_records(run_dir / "predictions.jsonl")) == 5
+
+
+def test_overlong_prompt_is_cut_with_a_status(tiny_model_dir, problems_file, tmp_path):
+    run_dir = tmp_path / "cut"
+    with pytest.warns(UserWarning, match="cut to data.max_prompt_tokens=20"):
+        adapt.main(adapt_args(tiny_model_dir, problems_file, run_dir, "data.max_prompt_tokens=20", "data.limit=2"))
+    records = read_records(run_dir / "predictions.jsonl")
+    assert [r["status"] for r in records] == ["prompt_truncated", "prompt_truncated"]
+    assert json.loads((run_dir / "summary.json").read_text())["statuses"] == {"prompt_truncated": 2}
