@@ -42,7 +42,7 @@ def main(argv: list[str]) -> dict:
     from lit_latent.module import LatentAdaptationModule
     from lit_latent.results import read_records
 
-    problems = read_problems(cfg.data.path, cfg.data.limit)
+    problems = read_problems(cfg.data.path, cfg.data.limit, require_choices=cfg.data.prompt == "choice")
     run_dir = prepare_run_dir(cfg)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done

@@ -381,7 +381,7 @@ def load_config(schema: type, config_files: list[str], overrides: list[str]):
         except OmegaConfBaseException as e:
             raise UserError(_describe(e, schema, source)) from None
     if config_files and "config_name" in merged:
-        merged.config_name = Path(config_files[0]).stem
+        merged.config_name = "-".join(Path(f).stem for f in config_files)
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

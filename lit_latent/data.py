@@ -17,8 +17,9 @@ from lit_latent.config import UserError
 from lit_latent.prompts import choice_prompt, math_prompt
 
 
-def read_problems(path: str | Path, limit: Optional[int] = None) -> list[dict[str, Any]]:
-    """Read and validate a problems file; ``limit`` keeps the first N rows."""
+def read_problems(path: str | Path, limit: Optional[int] = None, require_choices: bool = False) -> list[dict[str, Any]]:
+    """Read and validate a problems file; ``limit`` keeps the first N rows.
+    ``require_choices``: every row must have ``choices`` (data.prompt=choice)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config key data.path: file not found: {path}")
@@ -49,6 +50,8 @@ def read_problems(path: str | Path, limit: Optional[int] = None) -> list[dict[st
             choices = row.get("choices")
             if choices is not None and (not isinstance(choices, list) or not choices):
                 raise UserError(f"{where}: field 'choices' must be a non-empty list")
+            if require_choices and choices is None:
+                raise UserError(f"{where}: data.prompt=choice needs a 'choices' field on every row")
             problems.append(
                 {
                     "id": pid,

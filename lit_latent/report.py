@@ -1,0 +1,231 @@
+"""Compare finished runs: one markdown table and two plots, read by looking.
+
+    python -m lit_latent.report runs/cot runs/latentseek              # table on stdout; files in runs/cot
+    python -m lit_latent.report runs/* --out reports/gsm8k            # report.md, accuracy.png, iterations.png
+
+Each RUN_DIR is an ``adapt.py`` run folder: ``config.yaml`` names the method, reward and data,
+``predictions.jsonl`` holds the records. ``aggregate`` and ``by_iteration`` are plain functions
+of the records, so the figures can be checked without a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from lit_latent.config import UserError
+from lit_latent.results import PREDICTIONS, read_records, summarize
+from lit_latent.runs import run_entry_point
+
+# methods whose records carry a reward callback's judgement
+REWARD_METHODS = ("latentseek", "resample", "best_of_n", "latentevolve")
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """n, correct, accuracy with its 95% Wilson interval, tokens and seconds per problem;
+    for adaptive records also initial accuracy and mean iterations."""
+    summary = summarize(list(records))
+    summary["correct"] = sum(bool(r.get("correct")) for r in records)
+    return summary
+
+
+def by_iteration(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Mean reward and accuracy at iteration 0 (the initial answer) .. K over adaptive records.
+
+    A problem that stopped early keeps its last reward and correctness for later iterations,
+    so index K is the final accuracy. Records without ``rewards`` (cot, self-consistency) are
+    left out; none adaptive -> ``([], [])``.
+    """
+    adaptive = [r for r in records if r.get("rewards")]
+    if not adaptive:
+        return [], []
+    # per problem: [initial, after candidate 1, ...]
+    rewards = [list(r["rewards"]) for r in adaptive]
+    correct = [[bool(r["initial_correct"])] + [bool(c["correct"]) for c in r.get("candidates", [])] for r in adaptive]
+    depth = max(max(len(x) for x in rewards), max(len(x) for x in correct))
+    mean_reward = [sum(x[min(k, len(x) - 1)] for x in rewards) / len(rewards) for k in range(depth)]
+    accuracy = [sum(x[min(k, len(x) - 1)] for x in correct) / len(correct) for k in range(depth)]
+    return mean_reward, accuracy
+
+
+# --- reading runs ------------------------------------------------------------------------------
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run's settings and records; a folder that is not a run is a UserError naming it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory")
+    predictions = run_dir / PREDICTIONS
+    if not predictions.is_file():
+        raise UserError(f"{run_dir}: no {PREDICTIONS} (not a run folder of adapt.py?)")
+    records = read_records(predictions)
+    if not records:
+        raise UserError(f"{predictions}: holds no finished problems")
+    config = _read_config(run_dir / "config.yaml")
+    method = config.get("method") or records[0].get("method") or "?"
+    reward = (config.get("reward") or {}).get("kind") if method in REWARD_METHODS else None
+    if reward and any(r.get("reward_uses_labels") for r in records):
+        reward += " (gold labels)"
+    data_path = (config.get("data") or {}).get("path")
+    return {
+        "dir": run_dir,
+        "method": method,
+        "data": Path(data_path).stem if data_path else "?",
+        "reward": reward or "-",
+        "records": records,
+    }
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}  # an old or hand-made run: method comes from the records
+    from omegaconf import OmegaConf
+
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:
+        raise UserError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: must hold a mapping of config keys")
+    return loaded
+
+
+def run_labels(dirs: Sequence[Path]) -> list[str]:
+    """Folder names, or the paths as given where two folders share a name."""
+    names = [d.name or str(d) for d in dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
+
+
+# --- table ---------------------------------------------------------------------------------------
+
+COLUMNS = ["run", "method", "data", "reward", "n", "accuracy % (95% CI)", "initial %", "iterations", "tokens / problem", "s / problem"]
+
+
+def table_row(label: str, run: dict[str, Any], agg: dict[str, Any]) -> list[str]:
+    lo, hi = agg["accuracy_ci95"]
+    return [
+        label,
+        run["method"],
+        run["data"],
+        run["reward"],
+        str(agg["n"]),
+        f"{100 * agg['accuracy']:.1f} ({100 * lo:.1f}-{100 * hi:.1f})",
+        f"{100 * agg['initial_accuracy']:.1f}" if "initial_accuracy" in agg else "-",
+        f"{agg['mean_iterations']:.2f}" if "mean_iterations" in agg else "-",
+        f"{agg['tokens_per_problem']:.0f}",
+        f"{agg['seconds_per_problem']:.2f}",
+    ]
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(f"{c:{w}}" for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def plot_accuracy(path: Path, labels: Sequence[str], aggs: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [100 * a["accuracy"] for a in aggs]
+    err = [[100 * (a["accuracy"] - a["accuracy_ci95"][0]) for a in aggs], [100 * (a["accuracy_ci95"][1] - a["accuracy"]) for a in aggs]]
+    xs = range(len(aggs))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(aggs) + 1.5), 4.0))
+    ax.bar(xs, acc, yerr=err, capsize=5, color="tab:blue", alpha=0.8, label="accuracy (95% CI)")
+    initial = [(x, 100 * a["initial_accuracy"]) for x, a in zip(xs, aggs) if "initial_accuracy" in a]
+    if initial:
+        ax.scatter([x for x, _ in initial], [y for _, y in initial], marker="_", s=900, linewidths=3, color="tab:orange", zorder=3, label="before adaptation")
+    for x, y in zip(xs, acc):
+        ax.annotate(f"{y:.1f}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: bars may reach 100
+    ax.set_title("Accuracy by run")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_iterations(path: Path, curves: Sequence[tuple[str, list[float], list[float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    for label, reward, accuracy in curves:
+        ax_r.plot(range(len(reward)), reward, marker="o", label=label)
+        ax_a.plot(range(len(accuracy)), [100 * a for a in accuracy], marker="o", label=label)
+    ax_r.set_title("Mean reward by iteration")
+    ax_r.set_ylabel("mean reward")
+    ax_r.set_ylim(-0.02, 1.02)
+    ax_a.set_title("Accuracy by iteration")
+    ax_a.set_ylabel("accuracy (%)")
+    ax_a.set_ylim(-2, 102)
+    for ax in (ax_r, ax_a):
+        ax.set_xlabel("iteration (0 = initial answer)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.text(0.5, 0.0, "A problem that stopped early keeps its last reward and answer.", ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lit_latent.report", description="Compare adapt.py runs: markdown table, accuracy.png, iterations.png.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by adapt.py")
+    parser.add_argument("--out", help="where report.md and the plots go (default: the first RUN_DIR)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> str:
+    args = parse_args(argv)
+    runs = [load_run(d) for d in args.run_dirs]  # every folder checked before anything is written
+    out = Path(args.out) if args.out else runs[0]["dir"]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    labels = run_labels([r["dir"] for r in runs])
+    aggs = [aggregate(r["records"]) for r in runs]
+    table = markdown_table([table_row(label, run, agg) for label, run, agg in zip(labels, runs, aggs)])
+    print(table)
+
+    note = "initial %: accuracy of the first answer, before adaptation. A reward marked (gold labels) is an oracle."
+    report = f"# Runs compared\n\n{table}\n\n{note}\n\n![accuracy](accuracy.png)\n"
+    plot_accuracy(out / "accuracy.png", labels, aggs)
+    written = ["accuracy.png"]
+
+    curves = [(label, *by_iteration(run["records"])) for label, run in zip(labels, runs)]
+    curves = [c for c in curves if c[1]]
+    if curves:
+        plot_iterations(out / "iterations.png", curves)
+        report += "\n![reward and accuracy by iteration](iterations.png)\n"
+        written.append("iterations.png")
+    else:
+        (out / "iterations.png").unlink(missing_ok=True)  # a stale plot would belong to other runs
+        print("no adaptive run (latentseek, resample): no iterations.png")
+    (out / "report.md").write_text(report, encoding="utf-8")
+    written.insert(0, "report.md")
+    print(f"wrote {', '.join(written)} in {out}")
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""lit_latent.report: aggregation on hand-made records, and the CLI on hand-made run folders."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_latent.report import aggregate, by_iteration, main
+from lit_latent.runs import run_entry_point
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def plain(correct, tokens=10, seconds=0.5):
+    return {"method": "cot", "correct": correct, "tokens": tokens, "seconds": seconds}
+
+
+def adaptive(rewards, corrects, tokens=100):
+    """A LatentSeek record: rewards[0] / corrects[0] are the initial answer's, one candidate per later entry."""
+    return {
+        "method": "latentseek", "correct": corrects[-1], "tokens": tokens, "seconds": 2.0,
+        "initial_correct": corrects[0], "iterations": len(rewards) - 1, "rewards": rewards,
+        "candidates": [{"reward": r, "correct": c, "answer": None, "tokens": 1, "output": ""} for r, c in zip(rewards[1:], corrects[1:])],
+    }
+
+
+def test_aggregate_half_right_of_100():
+    records = [plain(i % 2 == 0, tokens=i, seconds=1.0) for i in range(100)]
+    agg = aggregate(records)
+    assert agg["n"] == 100 and agg["correct"] == 50 and agg["accuracy"] == 0.5
+    lo, hi = agg["accuracy_ci95"]
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    assert agg["tokens_per_problem"] == pytest.approx(49.5)
+    assert agg["seconds_per_problem"] == pytest.approx(1.0)
+    assert "initial_accuracy" not in agg and "mean_iterations" not in agg
+
+
+def test_aggregate_adaptive_records():
+    records = [
+        adaptive([0.2, 0.5, 0.9], [False, False, True], tokens=30),  # fixed after 2 iterations
+        adaptive([0.9], [True], tokens=10),                            # passed at once
+        adaptive([0.1, 0.3, 0.6, 0.4], [True, False, False, False], tokens=50),  # broken
+    ]
+    agg = aggregate(records)
+    assert agg["accuracy"] == pytest.approx(2 / 3) and agg["correct"] == 2
+    assert agg["initial_accuracy"] == pytest.approx(2 / 3)
+    assert agg["mean_iterations"] == pytest.approx((2 + 0 + 3) / 3)
+    assert agg["tokens_per_problem"] == pytest.approx(30)
+    assert (agg["fixed"], agg["broken"]) == (1, 1)
+
+
+def test_by_iteration_keeps_the_last_value_of_a_stopped_problem():
+    records = [
+        adaptive([0.2, 0.5, 0.9], [False, False, True]),
+        adaptive([0.9], [True]),
+        adaptive([0.0, 0.3, 0.6, 0.3], [False, False, True, False]),
+        plain(True),  # not adaptive: left out
+    ]
+    reward, accuracy = by_iteration(records)
+    assert reward == pytest.approx([(0.2 + 0.9 + 0.0) / 3, (0.5 + 0.9 + 0.3) / 3, (0.9 + 0.9 + 0.6) / 3, (0.9 + 0.9 + 0.3) / 3])
+    assert accuracy == pytest.approx([1 / 3, 1 / 3, 1.0, 2 / 3])
+    assert accuracy[-1] == aggregate(records[:3])["accuracy"]  # the last index is the final accuracy
+    assert by_iteration([plain(True), plain(False)]) == ([], [])
+
+
+def make_run(path: Path, config: str, records: list) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config)
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture()
+def two_runs(tmp_path):
+    data = "data:\n  path: ../shared/data/gsm8k_test.jsonl\n"
+    cot = make_run(tmp_path / "cot", "method: cot\n" + data + "reward:\n  kind: self\n", [plain(i < 2) for i in range(4)])
+    seek = make_run(tmp_path / "seek", "method: latentseek\n" + data + "reward:\n  kind: verifier\n",
+                    [dict(adaptive([0.0, 1.0], [False, True]), reward_uses_labels=True), adaptive([1.0], [True]),
+                     adaptive([0.0, 0.0, 0.0], [False, False, False]), adaptive([0.0, 1.0], [True, True])])
+    return cot, seek
+
+
+def test_cli_writes_the_table_and_both_plots(two_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_entry_point(main, [*map(str, two_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| ")}
+    assert rows["cot"][1:] == ["cot", "gsm8k_test", "-", "4", "50.0 (15.0-85.0)", "-", "-", "10", "0.50"]
+    assert rows["seek"][1:] == ["latentseek", "gsm8k_test", "verifier (gold labels)", "4", "75.0 (30.1-95.4)", "50.0", "1.00", "100", "2.00"]
+    assert "| cot " in printed and "| seek " in printed
+    for name in ("accuracy.png", "iterations.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_cli_default_out_is_the_first_run_and_no_curve_without_adaptive_runs(two_runs):
+    cot, _ = two_runs
+    assert run_entry_point(main, [str(cot)]) == 0
+    assert (cot / "report.md").is_file() and (cot / "accuracy.png").is_file()
+    assert not (cot / "iterations.png").exists()
+
+
+def test_a_folder_without_predictions_is_one_line_and_exit_2(two_runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_entry_point(main, [str(two_runs[0]), str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {empty}: no predictions.jsonl (not a run folder of adapt.py?)"
+    assert not (two_runs[0] / "report.md").exists()  # nothing written before every folder is checked
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lit_latent.report", str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: not a directory"
