@@ -1,0 +1,106 @@
+"""Reward scoring functions and their construction from the config."""
+
+import pytest
+
+from callbacks.rewards import (
+    SCHEME_WEIGHTS,
+    MajorityReward,
+    SelfReward,
+    Scores,
+    VerifierReward,
+    check_prompts,
+    combine_verdicts,
+    make_reward,
+)
+from lit_latent.config import RewardConfig, UserError
+from lit_latent.prompts import parse_verdict
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("yes", True), (" Yes.", True), ("no", False), ("NO, the second line is wrong", False),
+     ("", None), ("maybe", None), ("The answer is yes", None), ("yesterday", None)],
+)
+def test_verdict_is_parsed_from_the_start_of_the_continuation_only(text, expected):
+    assert parse_verdict(text) is expected
+
+
+def test_combine_verdicts_weights_and_missing_verdicts_fail():
+    w = SCHEME_WEIGHTS["latentseek"]  # calculation 2, answer 1, complete 2, understood 1
+    all_yes = {"calculation": [True], "answer": [True], "complete": [True], "understood": [True]}
+    assert combine_verdicts(all_yes, w) == 1.0
+    assert combine_verdicts({**all_yes, "calculation": [True, False]}, w) == pytest.approx(1 - 2 / 6)
+    assert combine_verdicts({**all_yes, "answer": [None]}, w) == pytest.approx(1 - 1 / 6)  # unparseable = failed
+    assert combine_verdicts({**all_yes, "calculation": []}, w) == pytest.approx(1 - 2 / 6)  # no line to check
+    assert combine_verdicts({}, w) == 0.0
+    evolve = SCHEME_WEIGHTS["latentevolve"]
+    assert sum(evolve.values()) == 7 and evolve["format"] == evolve["clarity"] == 2
+
+
+def test_steps_scheme_asks_each_calculation_line():
+    solution = "3 × 4 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
+    pairs = check_prompts("steps", "a problem", solution, list(SCHEME_WEIGHTS["steps"]))
+    calc = [m for c, m in pairs if c == "calculation"]
+    assert len(calc) == 2 and "3 × 4 = 12" in calc[0] and "12 + 5 = 17" in calc[1]
+    assert [c for c, _ in pairs].count("answer") == 1
+
+
+class FakeModule:
+    """Answers verification prompts from a script, as the model would."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.asked = []
+
+    def complete(self, messages, max_new_tokens):
+        self.asked += messages
+        return [self.answer(m) for m in messages], [2] * len(messages)
+
+
+def test_self_reward_one_batched_call_and_the_prompt_never_counts_as_a_verdict():
+    module = FakeModule(lambda m: "no" if m.startswith("Check this calculation: 12 + 5 = 18") else "yes")
+    reward = SelfReward("steps")
+    problems = [{"id": "a", "problem": "p", "answer": "17"}, {"id": "b", "problem": "p", "answer": "17"}]
+    good = "3 × 4 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
+    bad = "3 × 4 = 12\n12 + 5 = 18\nThe answer is \\boxed{18}."
+    scores = reward.score(module, problems, [good, bad])
+    assert scores.rewards == [1.0, pytest.approx(1 - 2 / 6)]
+    assert scores.tokens == [2 * 5, 2 * 5]  # 2 lines + answer + complete + understood, 2 tokens each
+    # every prompt asks for a verdict ("Answer yes or no."): a model echoing nothing useful fails every check
+    silent = SelfReward("latentseek").score(FakeModule(lambda m: ""), problems[:1], [good])
+    assert silent.rewards == [0.0]
+
+
+def test_weights_override_and_unknown_criterion():
+    assert SelfReward("latentseek", {"answer": 3}).weights["answer"] == 3.0
+    with pytest.raises(UserError, match="reward.weights.nonsense"):
+        SelfReward("latentseek", {"nonsense": 1})
+
+
+def test_verifier_uses_labels_and_majority_votes():
+    problems = [{"id": "a", "problem": "p", "answer": "1/2", "choices": None}]
+    assert VerifierReward().score(None, problems, ["so \\boxed{0.5}"]).rewards == [1.0]
+    assert VerifierReward.uses_labels and not MajorityReward.uses_labels
+
+    class Sampler:
+        def sample_answers(self, problems, n, tag):
+            return ["\\boxed{3}", "\\boxed{4}", "\\boxed{3}"], [5, 5, 5]
+
+    majority = MajorityReward(3)
+    s = majority.score(Sampler(), problems, ["\\boxed{3}"])
+    assert s.rewards == [1.0] and s.tokens == [15]
+    s = majority.score(Sampler(), problems, ["\\boxed{4}"])  # the vote is cached: no new cost
+    assert s.rewards == [0.0] and s.tokens == [0]
+
+
+def test_custom_reward_by_import_path():
+    reward = make_reward(RewardConfig(kind="custom", class_path="custom_rewards.PassAfterReward", kwargs={"n": 2}))
+    assert type(reward).__name__ == "PassAfterReward" and reward.n == 2
+    with pytest.raises(UserError, match="cannot import"):
+        make_reward(RewardConfig(kind="custom", class_path="custom_rewards.Nope"))
+    with pytest.raises(UserError, match="not a subclass"):
+        make_reward(RewardConfig(kind="custom", class_path="lit_latent.config.RewardConfig"))
+    with pytest.raises(UserError, match="reward.kwargs"):
+        make_reward(RewardConfig(kind="custom", class_path="custom_rewards.PassAfterReward", kwargs={"m": 1}))
+    assert isinstance(make_reward(RewardConfig(kind="verifier")), VerifierReward)
+    assert isinstance(Scores([1.0], [0]).details, list)
