@@ -1,0 +1,144 @@
+"""The embedded model: its generated data, tokenizer, shipped weights and training module."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
+from lit_latent.embedded.checks import (
+    CANDIDATE_KINDS,
+    TASKS,
+    candidate,
+    check_example,
+    final_label,
+    holistic_label,
+    line_true,
+    parse_line,
+)
+from lit_latent.embedded.problems import heldout_problems, make_problem, numbers_in, train_problems
+from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, math_prompt, parse_verdict, step_check_prompt
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    with open(HELDOUT_PATH) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval(), AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+def test_generator_is_deterministic():
+    assert heldout_problems(40) == heldout_problems(40)
+    a = [make_problem(random.Random(5)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    s1, s2 = train_problems(3), train_problems(3)
+    assert [next(s1) for _ in range(20)] == [next(s2) for _ in range(20)]
+
+
+def test_bundled_heldout_is_the_generators(heldout):
+    assert len(heldout) == 1000
+    assert heldout[:100] == heldout_problems(100)
+    assert set(heldout[0]) == {"id", "problem", "answer", "solution", "steps"}
+
+
+def test_gold_answers_recompute():
+    stream = train_problems(1)
+    problems = heldout_problems(200) + [next(stream) for _ in range(200)]
+    for p in problems:
+        lines = calculation_lines(p["solution"])
+        assert len(lines) == p["steps"] and 2 <= p["steps"] <= 5
+        known = set(numbers_in(p["problem"]))
+        for ln in lines:
+            a, _, b, c = parse_line(ln)
+            assert line_true(ln), ln
+            assert a in known and b in known, (p["problem"], ln)
+            assert 0 <= c < 1000
+            known.add(c)
+        assert str(parse_line(lines[-1])[3]) == p["answer"]
+        assert p["solution"].endswith(f"The answer is \\boxed{{{p['answer']}}}.")
+
+
+def test_train_and_heldout_are_disjoint():
+    held = {p["problem"] for p in heldout_problems(1000)}
+    stream = train_problems(0, exclude=held)
+    train = [next(stream)["problem"] for _ in range(3000)]
+    assert not held & set(train)
+    # without the exclusion the stream would overlap: the split is real, not luck
+    assert len(held) == 1000
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_checking_data_has_both_verdicts(task):
+    rng = random.Random(0)
+    problems = heldout_problems(60)
+    labels = {check_example(rng, p, task)[1] for p in problems}
+    assert labels == {True, False}
+
+
+def test_candidate_labels():
+    rng = random.Random(1)
+    p = heldout_problems(8)[7]
+    gold = p["solution"]
+    assert all(holistic_label(c, p, gold) for c in HOLISTIC_QUESTIONS) and final_label(gold)
+    for kind in CANDIDATE_KINDS:
+        assert isinstance(candidate(rng, p, kind), str)
+    wrong_final = candidate(rng, p, "wrong_final")
+    assert not final_label(wrong_final) and not holistic_label("answer", p, wrong_final)
+    assert not holistic_label("format", p, candidate(rng, p, "no_boxed"))
+    assert not holistic_label("clarity", p, candidate(rng, p, "two_answers"))
+    prompt, label = check_example(rng, p, "step", want=True)
+    assert label and prompt in {step_check_prompt(ln) for ln in calculation_lines(gold)}
+
+
+def test_tokenizer(shipped):
+    _, tok = shipped
+    p = heldout_problems(1)[0]
+    assert tok.decode(tok(p["solution"], add_special_tokens=False).input_ids) == p["solution"]
+    weird = "Natalia sold 48 clips — ½ of ∫x² dx, 日本語!\n\t$\\frac{3}{4}$"
+    assert tok.decode(tok(weird, add_special_tokens=False).input_ids) == weird
+    for ids in tok(["1234567890", "x 907 y"], add_special_tokens=False).input_ids:
+        pieces = [tok.decode([i]) for i in ids]
+        assert all(len(s.strip()) <= 1 or not any(ch.isdigit() for ch in s) for s in pieces), pieces
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|user|>\nhi\n<|assistant|>\n"
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+
+
+def test_shipped_model_solves_some_but_not_all(shipped, heldout):
+    from lit_latent.embedded.evaluate import cot_accuracy
+
+    model, tok = shipped
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    acc = cot_accuracy(model, tok, heldout[:50], batch_size=50)["overall"]
+    assert 0.35 <= acc <= 0.65, acc
+
+
+def test_shipped_model_answers_checks(shipped, heldout):
+    from lit_latent.embedded.evaluate import ask
+
+    model, tok = shipped
+    rng = random.Random(0)
+    prompts = [check_example(rng, p, t)[0] for p in heldout[:4] for t in ("step", "final")]
+    assert all(v is not None for v in ask(model, tok, prompts))
+    assert parse_verdict("yes") is True
+
+
+def test_training_smoke(tmp_path, shipped):
+    from lit_latent.embedded.train import fit
+
+    _, tok = shipped
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    module = fit(tok, tmp_path / "ckpts", exclude=(), max_steps=3, shape=shape, max_tokens=1024, log_every=1)
+    assert module.global_step == 3
+    assert (tmp_path / "ckpts" / "step_00003_final" / "model.safetensors").is_file()
+    assert torch.isfinite(torch.tensor(module.stats["loss"]))
