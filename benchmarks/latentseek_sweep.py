@@ -51,7 +51,8 @@ def main() -> None:
     for name, (config, overrides) in GRIDS[args.grid].items():
         if args.only and name not in args.only:
             continue
-        run_dir = Path(args.out) / f"{args.reward}-{name}" if name != "cot" else Path(args.out) / "cot"
+        reward = f"{args.reward}-{args.scheme}" if args.reward == "self" else args.reward
+        run_dir = Path(args.out) / f"{reward}-{name}" if name != "cot" else Path(args.out) / "cot"
         argv = ["--config", str(ROOT / "configs" / config), f"data.limit={args.problems}", f"run_dir={run_dir}",
                 f"reward.kind={args.reward}", f"reward.scheme={args.scheme}", *overrides, *args.overrides]
         print(f"== {name}: {' '.join(argv[2:])}", flush=True)

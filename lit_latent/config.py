@@ -111,6 +111,8 @@ class LatentConfig:
     """Stop once reward >= this, on our [0, 1] scale (paper: -0.2 on [-1, 0], i.e. 0.8)."""
     regenerate_after_first_change: bool = False
     """Keep the decoded prefix only up to its first changed token and regenerate the rest."""
+    answer: str = "last"
+    """Which candidate is the answer: last (the paper) or best (highest reward, earliest on ties, the initial one included)."""
     samples: int = 1
     """Candidates per step. 1: the paper's greedy decode; M > 1: sample M prefixes (LatentEvolve gradient)."""
     sample_temperature: float = 1.0
@@ -126,6 +128,7 @@ class LatentConfig:
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
         _positive("latent.samples", self.samples)
         _positive("latent.sample_temperature", self.sample_temperature)
+        _one_of("latent.answer", self.answer, ("last", "best"))
 
 
 @dataclass

@@ -316,13 +316,9 @@ class LatentAdaptationModule(L.LightningModule):
                     q = scores.rewards[k * m : (k + 1) * m]
                     if self.numerical_error(records[i], "reward", sum(q)):
                         continue
+                    # without a baseline, LatentSeek's scale: reward - 1
                     base = sum(q) / m if cfg.baseline else 1.0
-                    terms = []
-                    for j in range(m):
-                        sampled = rows[k * m + j][1]  # the prefix drawn from the latent policy
-                        lp = token_log_probs(head, latents[i][: len(sampled)], torch.tensor(sampled, device=self.device), cfg.sample_temperature)
-                        terms.append(policy_loss(lp.sum(), (q[j] - base) / m))
-                    losses[i] = torch.stack(terms).sum()
+                    losses[i] = self.samples_loss(latents[i], [x for _, x in rows[k * m : (k + 1) * m]], q, base, cfg.sample_temperature)
                     best = max(range(m), key=lambda j: (q[j], -j))
                     current[i] = q[best]
                     spent = sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
@@ -332,6 +328,9 @@ class LatentAdaptationModule(L.LightningModule):
                     self.note_latents(records[i]["candidates"][-1], latents[i])
             # 6. stop a problem once its reward passes the threshold
             active = [i for i in active if current[i] < cfg.stop_threshold]
+        if cfg.answer == "best":
+            for rec in records:
+                self.choose_best_candidate(rec)
         self.log_rewards(records)
         return records
 
@@ -400,13 +399,9 @@ class LatentAdaptationModule(L.LightningModule):
                 if self.numerical_error(records[i], "reward", sum(q)):
                     continue
                 mean = sum(q) / m
+                # without a baseline, the paper's plain Q-weighted gradient
                 base = mean if cfg.baseline else 0.0
-                terms = []
-                for j in range(m):
-                    sampled = torch.tensor(rows[k * m + j][1], device=self.device)
-                    lp = token_log_probs(head, latents[i], sampled, cfg.sample_temperature)
-                    terms.append(policy_loss(lp.sum(), (q[j] - base) / m))
-                losses[i] = torch.stack(terms).sum()
+                losses[i] = self.samples_loss(latents[i], [x for _, x in rows[k * m : (k + 1) * m]], q, base, cfg.sample_temperature)
                 top = max(range(m), key=lambda j: (q[j], -j))
                 answer, correct = self.judge(problems[i], outs[k * m + top])
                 rec = records[i]
@@ -438,6 +433,15 @@ class LatentAdaptationModule(L.LightningModule):
                 rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": latents[i].detach().cpu(), "score": last_mean[i]}
         self.log_rewards([r for r in records if r["rewards"]] or records)
         return records
+
+    def samples_loss(self, latents: torch.Tensor, sampled: list[list[int]], rewards: list[float], base: float, temperature: float) -> torch.Tensor:
+        """``-(1/M) sum_m (Q_m - base) log p(x^m | z)`` over M prefixes sampled from the latent policy."""
+        m = len(sampled)
+        terms = []
+        for tokens, q in zip(sampled, rewards):
+            lp = token_log_probs(self.lm_head, latents[: len(tokens)], torch.tensor(tokens, device=self.device), temperature)
+            terms.append(policy_loss(lp.sum(), (q - base) / m))
+        return torch.stack(terms).sum()
 
     def optimizer_step(self, optimizer, latents: list, losses: dict[int, torch.Tensor], records: list[dict]) -> list[int]:
         """One step on the latents of the problems in ``losses``; returns those still healthy.
@@ -502,6 +506,15 @@ class LatentAdaptationModule(L.LightningModule):
         rec["iterations"] += 1
         rec["tokens"] += new_tokens + scores.tokens[k]
         rec.update(output=output, final_answer=answer, correct=correct)
+
+    @staticmethod
+    def choose_best_candidate(rec: dict) -> None:
+        """Answer with the highest-reward candidate (the initial answer counts; earliest on ties)."""
+        options = [(rec["rewards"][0], rec["initial_output"], rec["initial_answer"], rec["initial_correct"])]
+        options += [(c["reward"], c["output"], c["answer"], c["correct"]) for c in rec["candidates"]]
+        best = max(range(len(options)), key=lambda k: (options[k][0], -k))
+        _, rec["output"], rec["final_answer"], rec["correct"] = options[best]
+        rec["chosen_candidate"] = best
 
     def note_latents(self, candidate: dict, latents: torch.Tensor) -> None:
         ids = decode_latents(self.lm_head, latents)

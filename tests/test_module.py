@@ -153,3 +153,23 @@ def test_nan_in_latents_is_caught(tiny_model, char_tokenizer, monkeypatch):
     flagged = [r for r in recs if r["status"] == "numerical_error"]
     assert len(flagged) == 1 and "non-finite loss" in flagged[0]["numerical_error"]
     assert all(r["iterations"] == 3 for r in recs if r["status"] == "ok")
+
+
+def test_answer_best_keeps_the_highest_reward_candidate(tiny_model, char_tokenizer):
+    from callbacks.rewards import RewardCallback, Scores
+
+    class Decreasing(RewardCallback):
+        def __init__(self):
+            self.seen = {}
+
+        def score(self, module, problems, completions):
+            for p in problems:
+                self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
+            return Scores([0.6 if self.seen[p["id"]] == 1 else 0.1 for p in problems], [0] * len(problems))
+
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=3, max_latents=3, answer="best"), Decreasing())
+    for r in recs:
+        assert r["iterations"] == 3 and r["chosen_candidate"] == 0
+        assert r["output"] == r["initial_output"] and r["correct"] == r["initial_correct"]
+    last = run(tiny_model, char_tokenizer, make_cfg(max_iterations=3, max_latents=3), Decreasing())
+    assert all(r["output"] == r["candidates"][-1]["output"] for r in last)

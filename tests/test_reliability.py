@@ -25,8 +25,8 @@ def thirty_problems(tmp_path):
 
 def command(tiny_model_dir, data, run_dir, *extra):
     return [sys.executable, str(ROOT / "adapt.py"), f"model.path={tiny_model_dir}", f"data.path={data}", f"run_dir={run_dir}",
-            "data.limit=null", "reward.kind=verifier", "generation.max_new_tokens=6", "latent.max_iterations=2",
-            "data.batch_size=2", "trainer.accelerator=cpu", *extra]
+            "data.limit=null", "reward.kind=verifier", "generation.max_new_tokens=12", "latent.max_iterations=3",
+            "data.batch_size=1", "trainer.accelerator=cpu", *extra]
 
 
 def lines(path: Path) -> int:
@@ -56,7 +56,7 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_model_dir, thirty_problems
         proc = start_and_wait(cmd, predictions)
         if proc.poll() is not None:
             break  # finished before we could kill it
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.25))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
