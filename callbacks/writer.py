@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lit_latent.answers import AnswerAccuracy
 from lit_latent.results import PREDICTIONS, append_records, format_table, read_records, repair, write_summary
 
 
@@ -21,7 +22,8 @@ class PredictionWriter(BasePredictionWriter):
         self.run_dir = Path(run_dir)
         self.final_path = self.run_dir / PREDICTIONS
         self.path = self.final_path
-        self.correct = 0
+        # this rank's running accuracy for the progress bar (never synced: ranks end at different batches)
+        self.accuracy = AnswerAccuracy(sync_on_compute=False)
         self.done = 0
         self.summary: dict[str, Any] = {}
 
@@ -33,10 +35,10 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         append_records(self.path, prediction)
         self.done += len(prediction)
-        self.correct += sum(bool(r["correct"]) for r in prediction)
+        self.accuracy.update([bool(r["correct"]) for r in prediction])
         bar = trainer.progress_bar_callback
         if bar is not None and getattr(bar, "predict_progress_bar", None) is not None:
-            bar.predict_progress_bar.set_postfix(problems=self.done, accuracy=f"{self.correct / self.done:.3f}")
+            bar.predict_progress_bar.set_postfix(problems=self.done, accuracy=f"{float(self.accuracy.compute()):.3f}")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a stopped or failed run still leaves a summary of what it finished
