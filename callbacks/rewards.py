@@ -13,11 +13,9 @@ A user's own reward: subclass ``RewardCallback``, implement ``score``, and run w
 from __future__ import annotations
 
 import importlib
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_latent.answers import extract_answer, is_equivalent

@@ -18,7 +18,7 @@ from lit_latent.embedded.checks import (
     parse_line,
 )
 from lit_latent.embedded.problems import heldout_problems, make_problem, numbers_in, train_problems
-from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, math_prompt, parse_verdict, step_check_prompt
+from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, parse_verdict, step_check_prompt
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from lit_latent.generation import generate

@@ -16,7 +16,6 @@ import json
 import random
 import re
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
