@@ -85,8 +85,7 @@ def _gather_rows(trainer, x: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor's rows over all ranks (ranks may hold different counts)."""
     import torch.distributed as dist
 
-    sizes = [None] * trainer.world_size
-    dist.all_gather_object(sizes, x.shape[0])
     parts = [None] * trainer.world_size
     dist.all_gather_object(parts, x.cpu())
-    return torch.cat([p for p in parts if p is not None and len(p)], dim=0) if any(sizes) else x
+    filled = [p for p in parts if len(p)]
+    return torch.cat(filled, dim=0) if filled else x

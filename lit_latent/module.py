@@ -53,6 +53,7 @@ class LatentAdaptationModule(L.LightningModule):
         # (loaded from a checkpoint, or handed over by the night callback)
         self.memory = None
         self.weaver: Optional[torch.nn.Module] = None
+        self._logged_batches = 0  # x axis of the reward curves in logs/metrics.csv
 
     def setup(self, stage: str) -> None:
         if self.cfg.perf.compile and not getattr(self, "_compiled", False):
@@ -306,11 +307,9 @@ class LatentAdaptationModule(L.LightningModule):
             else:
                 # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
                 m = cfg.samples
-                rows = [(i, self.prefix(sample_latents(head, latents[i], cfg.sample_temperature, samplers[i]), original[i])) for i in active for _ in range(m)]
-                out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
-                                    prompt_state=state and state.select([i for i, _ in rows]))
-                texts = self.decode(out.tokens)
-                scores = reward.score(self, [problems[i] for i, _ in rows], texts)
+                rows, out, texts, scores = self.sampled_candidates(
+                    active, m, latents, cfg.sample_temperature, samplers, prompts, problems, state, reward,
+                    cut=lambda i, x: self.prefix(x, original[i]))
                 losses = {}
                 for k, i in enumerate(active):
                     q = scores.rewards[k * m : (k + 1) * m]
@@ -388,11 +387,9 @@ class LatentAdaptationModule(L.LightningModule):
         for step in range(cfg.max_steps):
             if not active:
                 break
-            rows = [(i, sample_latents(head, latents[i], cfg.sample_temperature, samplers[i])) for i in active for _ in range(m)]
-            out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
-                                prompt_state=None if self.cfg.perf.reference_mode else state.select([i for i, _ in rows]))
-            outs = self.decode(out.tokens)
-            scores = reward.score(self, [problems[i] for i, _ in rows], outs)
+            rows, out, outs, scores = self.sampled_candidates(
+                active, m, latents, cfg.sample_temperature, samplers, prompts, problems,
+                None if self.cfg.perf.reference_mode else state, reward)
             losses = {}
             for k, i in enumerate(active):
                 q = scores.rewards[k * m : (k + 1) * m]
@@ -433,6 +430,19 @@ class LatentAdaptationModule(L.LightningModule):
                 rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": latents[i].detach().cpu(), "score": last_mean[i]}
         self.log_rewards([r for r in records if r["rewards"]] or records)
         return records
+
+    def sampled_candidates(self, active, m, latents, temperature, samplers, prompts, problems, state, reward, cut=None):
+        """M prefixes per active problem sampled from its latent policy, finished by the model
+        and scored: ``[i1, i2] -> rows [i1 x M, i2 x M]``. ``cut`` may shorten each prefix."""
+        rows = []
+        for i in active:
+            for _ in range(m):
+                prefix = sample_latents(self.lm_head, latents[i], temperature, samplers[i])
+                rows.append((i, cut(i, prefix) if cut else prefix))
+        out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
+                            prompt_state=state and state.select([i for i, _ in rows]))
+        texts = self.decode(out.tokens)
+        return rows, out, texts, reward.score(self, [problems[i] for i, _ in rows], texts)
 
     def samples_loss(self, latents: torch.Tensor, sampled: list[list[int]], rewards: list[float], base: float, temperature: float) -> torch.Tensor:
         """``-(1/M) sum_m (Q_m - base) log p(x^m | z)`` over M prefixes sampled from the latent policy."""
@@ -534,5 +544,3 @@ class LatentAdaptationModule(L.LightningModule):
             metrics[f"reward_iter{k}"] = sum(values) / len(values)
         self.logger.log_metrics(metrics, step=self._logged_batches)
         self._logged_batches += 1
-
-    _logged_batches = 0
