@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer
 
 from lit_latent.config import ModelConfig, UserError
 
@@ -123,6 +124,49 @@ def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
+class ReservedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer with room to grow: a decode step writes its new
+    position in place. transformers' ``DynamicLayer`` re-concatenates the whole cache at
+    every token, a full copy per step that took a third of greedy decoding time on CPU."""
+
+    def __init__(self, keys: Tensor, values: Tensor, extra: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k, self._v, self.length = keys, values, keys.shape[-2]
+        self._resize(self.length + extra)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:  # out of room: double it
+            self._resize(max(end, 2 * self._k.shape[-2]))
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        capacity = self._k.shape[-2]
+        self._k, self._v = self.keys[indices], self.values[indices]  # copies only the filled part
+        self._resize(capacity)
+
+    def _resize(self, capacity: int) -> None:
+        B, H, _, D = self._k.shape
+        k, v = self._k.new_empty(B, H, capacity, D), self._v.new_empty(B, H, capacity, D)
+        k[:, :, : self.length], v[:, :, : self.length] = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        self._k, self._v = k, v
+        self._set_length(self.length)
+
+    def _set_length(self, n: int) -> None:
+        self.length = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+
+def _reserve(cache, extra: int) -> None:
+    """Give every plain dynamic layer of ``cache`` room for ``extra`` more positions."""
+    cache.layers = [ReservedLayer(layer.keys, layer.values, extra) if type(layer) is DynamicLayer and layer.is_initialized
+                    else layer for layer in cache.layers]
+
+
 @dataclass
 class PromptState:
     """The prompts' KV cache and last hidden state, computed once and reused by every
@@ -202,8 +246,12 @@ def generate(
     else:
         if prompt_state.mask.shape[0] != batch:
             raise ValueError(f"prompt_state has {prompt_state.mask.shape[0]} rows for {batch} prompts")
-        state = prompt_state.select(range(batch))
-        cache, mask, last = state.cache, state.mask, state.last
+        cache = copy.copy(prompt_state.cache)
+        # new layer objects over the same tensors: the caller's state is never touched, and
+        # the reserved buffers below are the only copy of the cache this call makes
+        cache.layers = [copy.copy(layer) for layer in prompt_state.cache.layers]
+        _reserve(cache, max((len(x) for x in prefixes), default=0) + min(max_new_tokens, 256))
+        state, mask, last = prompt_state, prompt_state.mask, prompt_state.last
         ids = None
         if any(len(x) for x in prefixes):
             # the prefixes, left-padded as a block after the cached prompts: pads sit mid-sequence, masked out
@@ -222,26 +270,43 @@ def generate(
                         hidden_rows[i].append(state.last[i : i + 1])
                         hidden_rows[i].append(out.last_hidden_state[i, width - len(prefix) : width - 1])
 
-    new_ids: list[Tensor] = []
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    if use_cache and prompt_state is None:
+        _reserve(cache, min(max_new_tokens, 256))  # grows by doubling past that
+    # `live` maps the rows still in the batch to their original index: finished rows are
+    # dropped once they are a quarter of the batch, so long answers do not carry short ones
+    live = torch.arange(batch, device=device)
+    generated = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
+    ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # per live row
     all_ids, all_mask = ids, mask  # all_ids is only needed without a cache
-    for _ in range(max_new_tokens):
+    steps = 0
+    for step in range(max_new_tokens):
+        steps = step + 1
         logits = lm_head(last).float()
         nxt = _pick(logits, temperature, top_p, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if return_hidden:
-            for i in range(batch):
-                hidden_rows[i].append(last[i : i + 1])
-        counts += (~done).long()
+            for k, i in enumerate(live.tolist()):
+                hidden_rows[i].append(last[k : k + 1])
+        counts[live] += (~done).long()
         is_eos = torch.isin(nxt, eos) & ~done
-        ended_at_eos |= is_eos
-        new_ids.append(torch.where(done | is_eos, torch.full_like(nxt, -1), nxt))
+        ended_at_eos[live] |= is_eos
+        generated[live, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
         done |= is_eos
         if bool(done.all()):
             break
-        all_mask = torch.cat([all_mask, torch.ones((batch, 1), dtype=all_mask.dtype, device=device)], dim=1)
+        if 4 * int(done.sum()) >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
+            if generators is not None:
+                generators = [generators[k] for k in keep.tolist()]
+            if use_cache:
+                cache.batch_select_indices(keep)
+            else:
+                all_ids = all_ids[keep]
+        rows_now = len(live)
+        all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
         if use_cache:
             pos = _positions(all_mask)[:, -1:]
             out = backbone(input_ids=nxt[:, None], attention_mask=all_mask, position_ids=pos, past_key_values=cache, use_cache=True)
@@ -251,7 +316,7 @@ def generate(
             out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
         last = out.last_hidden_state[:, -1]
 
-    generated = torch.stack(new_ids, dim=1).tolist() if new_ids else [[] for _ in range(batch)]
+    generated = generated[:, :steps].tolist()
     tokens, hidden = [], [] if return_hidden else None
     for i in range(batch):
         gen = [t for t in generated[i] if t >= 0]

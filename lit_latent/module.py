@@ -37,6 +37,37 @@ from lit_latent.latents import (
 )
 
 
+def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list[tuple[int, list[int]]]:
+    """Group token rows by a common opening: ``[(cut, members)]`` where every member starts
+    with the same ``cut`` tokens and keeps at least one of its own.
+
+    Rows are sorted, so rows with long shared openings are neighbours. The next row joins the
+    current group when they share at least ``min_shared`` tokens and shortening the group's
+    opening to that costs the members fewer re-encoded tokens than the row would save. A row
+    alone has ``cut`` = its whole length.
+    """
+
+    def common(a, b):
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    groups: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(rows)), key=lambda i: list(rows[i])):
+        if groups:
+            cut, members = groups[-1]
+            n = common(rows[members[0]], rows[i])
+            if n >= min_shared and (len(members) == 1 or (cut - n) * len(members) < n):
+                groups[-1] = (n if len(members) == 1 else min(cut, n), members + [i])
+                continue
+        groups.append((len(rows[i]), [i]))
+    # every member keeps at least one token of its own to feed after the shared cache
+    return [(min(cut, min(len(rows[m]) for m in members) - (len(members) > 1)), members) for cut, members in groups]
+
+
 class LatentAdaptationModule(L.LightningModule):
     def __init__(self, model, tokenizer, cfg: AdaptConfig):
         super().__init__()
@@ -127,13 +158,35 @@ class LatentAdaptationModule(L.LightningModule):
         )
 
     def complete(self, messages: Sequence[str], max_new_tokens: int) -> tuple[list[str], list[int]]:
-        """Greedy answers to user messages (verification prompts), batched in chunks."""
-        texts, counts = [], []
-        for start in range(0, len(messages), self.chunk):
-            chunk = [self.encode_message(m) for m in messages[start : start + self.chunk]]
-            out = self.generate(chunk, max_new_tokens=max_new_tokens)
-            texts += self.decode(out.tokens)
-            counts += out.new_tokens
+        """Greedy answers to user messages (verification prompts), batched in chunks.
+
+        Messages that open with the same stretch of tokens (the checks of one candidate all
+        restate its problem and solution) share one prefill of it on the fast path: each
+        group's common opening is encoded once and every message continues from its cache.
+        """
+        ids = [self.encode_message(m) for m in messages]
+        texts, counts = [""] * len(ids), [0] * len(ids)
+        if self.cfg.perf.reference_mode:
+            for i, row in enumerate(ids):
+                out = self.generate([row], max_new_tokens=max_new_tokens)
+                texts[i], counts[i] = self.decode(out.tokens)[0], out.new_tokens[0]
+            return texts, counts
+        chunks: list[list[tuple[int, list[int]]]] = [[]]
+        for group in shared_openings(ids):  # whole groups, at most perf.chunk rows where they allow
+            if chunks[-1] and sum(len(m) for _, m in chunks[-1]) + len(group[1]) > self.chunk:
+                chunks.append([])
+            chunks[-1].append(group)
+        for chunk in chunks:
+            if not chunk:
+                continue
+            heads = [ids[members[0]][:cut] for cut, members in chunk]
+            rows = [(h, i, ids[i][cut:]) for h, (cut, members) in enumerate(chunk) for i in members]
+            state = encode_prompts(self.model, heads, self.pad_id)
+            out = self.generate([heads[h] for h, _, _ in rows], prefixes=[tail for _, _, tail in rows],
+                                max_new_tokens=max_new_tokens, prompt_state=state.select([h for h, _, _ in rows]))
+            for k, (_, i, tail) in enumerate(rows):
+                texts[i] = self.decode([out.tokens[k][len(tail):]])[0]
+                counts[i] = out.new_tokens[k]
         return texts, counts
 
     def sample_answers(self, problems: Sequence[dict], n: int, tag: str) -> tuple[list[str], list[int]]:

@@ -94,3 +94,26 @@ def test_reused_prompt_state_matches_fresh_prefill(tiny_model, char_tokenizer):
     # the state is reusable: a second use gives the same again
     again = generate(tiny_model, [prompts[r] for r in rows], prefixes=prefixes, prompt_state=state.select(rows), **kw)
     assert again.tokens == cached.tokens
+
+
+def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from lit_latent.generation import ReservedLayer
+
+    torch.manual_seed(0)
+    plain = DynamicLayer()
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    plain.update(k, v)
+    reserved = ReservedLayer(k.clone(), v.clone(), extra=1)  # forces several doublings below
+    for step in range(7):
+        k, v = torch.randn(3, 2, 1 + step % 2, 4), torch.randn(3, 2, 1 + step % 2, 4)
+        want, got = plain.update(k, v), reserved.update(k, v)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    index = torch.tensor([2, 0])
+    plain.batch_select_indices(index)
+    reserved.batch_select_indices(index)
+    assert reserved.get_seq_length() == plain.get_seq_length() == 15
+    assert torch.equal(plain.keys, reserved.keys) and torch.equal(plain.values, reserved.values)
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    assert torch.equal(plain.update(k, v)[0], reserved.update(k, v)[0])

@@ -52,3 +52,30 @@ def test_a_finished_problem_leaves_the_active_set(tiny_model, char_tokenizer, mo
     # p0's latents (param 0) never move after its first step; the others keep moving
     assert all(torch.equal(s[0], snapshots[0][0]) for s in snapshots[1:])
     assert not torch.equal(snapshots[1][1], snapshots[3][1])
+
+
+def test_shared_openings_groups_rows_by_their_common_start():
+    from lit_latent.module import shared_openings
+
+    base = list(range(1, 21))
+    other = [50 + k for k in range(17)]
+    rows = [base + [30], [7, 8], base + [31, 32], base[:4] + other, base + [30, 33], base[:4] + other + [9]]
+    groups = sorted((sorted(m), cut) for cut, m in shared_openings(rows, min_shared=16))
+    # 0, 2, 4 share 20 tokens (0 and 4 share 21: giving up one token for a third member pays);
+    # 3 and 5 share 21 tokens but only 4 with the others: their own group
+    assert groups == [([0, 2, 4], 20), ([1], 2), ([3, 5], 20)]
+
+
+def test_shared_prefill_of_verification_prompts_gives_the_same_answers(tiny_model, char_tokenizer):
+    from lit_latent.prompts import HOLISTIC_QUESTIONS, holistic_check_prompt, step_check_prompt
+
+    solutions = ["12 + 3 = 15\nThe answer is \\boxed{15}.", "12 + 3 = 16\nThe answer is \\boxed{16}."]
+    messages = [holistic_check_prompt(c, "Tom has 12 apples and gets 3 more.", s) for s in solutions for c in HOLISTIC_QUESTIONS]
+    messages += [step_check_prompt("12 + 3 = 15"), messages[0]]  # an unrelated prompt and a duplicate
+    cfg = make_cfg()
+    cfg.perf.chunk = 5  # groups are split over several chunks
+    fast = LatentAdaptationModule(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    cfg.perf.reference_mode = True
+    slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    assert fast == slow
+    assert fast[0][0] == fast[0][-1] and all(n > 0 for n in fast[1])
