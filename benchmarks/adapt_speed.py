@@ -10,6 +10,12 @@ no KV cache, one verification generation at a time) and LatentSeek's fast path (
 prompt cache reused, verifications batched). Prints a table, then as its last line:
 ``speedup: <fast/slow problems-per-second>x accuracy_delta: <fast - slow, points>
 bound_ratio: <fast time / ((1 + mean iterations) x CoT time)>``.
+
+    python benchmarks/adapt_speed.py --memory              # peak memory over batch size x iterations
+
+``--memory`` runs the fast path on one batch per point, each point in a fresh process, with
+a reward that never passes (every problem runs all its iterations), and prints the peak
+memory above the process's level before the run (CUDA: allocator peak; CPU: sampled RSS).
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ class PeakMemory:
     def __enter__(self):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
             return self
         proc = psutil.Process()
         self._stop = threading.Event()
-        self.peak = proc.memory_info().rss
+        self.peak = self.start = proc.memory_info().rss
 
         def sample():
             while not self._stop.is_set():
@@ -63,7 +70,7 @@ class PeakMemory:
             self._thread.join()
 
 
-def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool) -> dict:
+def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool, reward=None) -> dict:
     import lightning as L
 
     from callbacks.rewards import make_reward
@@ -72,7 +79,7 @@ def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool) -> 
 
     cfg: AdaptConfig = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek.yaml")], overrides)
     module = LatentAdaptationModule(model, tokenizer, cfg)
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, callbacks=[make_reward(cfg.reward)],
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, callbacks=[reward or make_reward(cfg.reward)],
                         inference_mode=False, enable_progress_bar=False, enable_model_summary=False)
     batch = 1 if cfg.perf.reference_mode else cfg.data.batch_size
     with PeakMemory(cuda) as mem:
@@ -86,10 +93,63 @@ def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool) -> 
         "problems_per_s": n / seconds,
         "tokens_per_s": sum(r["tokens"] for r in records) / seconds,
         "peak_mb": mem.peak / 2**20,
+        "added_mb": (mem.peak - mem.start) / 2**20,
         "accuracy": sum(r["correct"] for r in records) / n,
         "iterations": sum(r.get("iterations", 0) for r in records) / n,
         "answers": [r["final_answer"] for r in records],
     }
+
+
+def never_pass_reward():
+    from callbacks.rewards import RewardCallback, Scores
+
+    class NeverPass(RewardCallback):
+        """Reward 0 for everything: every problem runs latent.max_iterations iterations."""
+
+        def score(self, module, problems, completions):
+            return Scores([0.0] * len(problems), [0] * len(problems))
+
+    return NeverPass()
+
+
+def memory_point(args, batch: int, iterations: int) -> None:
+    """One point of the memory curve, in this process: prints ``added_mb``."""
+    from lit_latent.config import ModelConfig
+    from lit_latent.data import read_problems
+    from lit_latent.generation import load_model
+
+    cuda = args.accelerator in ("gpu", "cuda")
+    model, tokenizer = load_model(ModelConfig(path=args.model, dtype=args.dtype))
+    if cuda:
+        model.cuda()
+    problems = read_problems(args.data, batch)
+    overrides = [f"model.path={args.model}", f"data.batch_size={batch}", f"trainer.accelerator={args.accelerator}",
+                 "data.limit=null", f"latent.max_iterations={iterations}"]
+    run_method(model, tokenizer, problems[:2], overrides, cuda, never_pass_reward())  # warm-up: lazy inits, allocator
+    r = run_method(model, tokenizer, problems, overrides, cuda, never_pass_reward())
+    print(f"added_mb {r['added_mb']:.1f} iterations {r['iterations']:.1f}")
+
+
+def memory_curve(args) -> None:
+    import subprocess
+
+    batches, iterations = (8, 16, 32), (1, 5, 10)
+    added = {}
+    for b in batches:
+        for k in iterations:
+            cmd = [sys.executable, __file__, "--memory-point", str(b), str(k), "--model", args.model, "--data", args.data,
+                   "--accelerator", args.accelerator, "--dtype", args.dtype, "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+            added[b, k] = float(out[out.index("added_mb") + 1])
+    print(f"\nfast path peak memory above the level before the run (MB), {args.accelerator}, reward never passes")
+    print("| batch size | " + " | ".join(f"{k} iterations" for k in iterations) + " |")
+    print("|---|" + "---|" * len(iterations))
+    for b in batches:
+        print(f"| {b} | " + " | ".join(f"{added[b, k]:.1f}" for k in iterations) + " |")
+    per_row = [(added[b, iterations[-1]]) / b for b in batches]
+    growth = max(added[b, iterations[-1]] - added[b, iterations[0]] for b in batches)
+    print(f"memory: per problem {min(per_row):.2f}-{max(per_row):.2f} MB across batch sizes, "
+          f"largest growth from {iterations[0]} to {iterations[-1]} iterations {growth:+.1f} MB")
 
 
 def main() -> None:
@@ -102,10 +162,16 @@ def main() -> None:
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--memory", action="store_true", help="peak memory over batch size x iterations instead")
+    ap.add_argument("--memory-point", type=int, nargs=2, metavar=("BATCH", "ITERATIONS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_point:
+        return memory_point(args, *args.memory_point)
+    if args.memory:
+        return memory_curve(args)
 
     from lit_latent.config import ModelConfig
     from lit_latent.data import read_problems
