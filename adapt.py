@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from lit_latent.config import AdaptConfig, help_text, load_config, parse_args
+from lit_latent.config import AdaptConfig, UserError, help_text, load_config, parse_args
 from lit_latent.runs import GracefulStop, prepare_run_dir, quiet_lightning, run_entry_point
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"
@@ -67,6 +67,9 @@ def main(argv: list[str]) -> dict:
         inference_mode=False,  # latents need autograd; predict_step also opens enable_grad
         enable_model_summary=False,
     )
+    if cfg.method == "latentevolve" and trainer.world_size > 1:
+        raise UserError(f"config key trainer.devices: method latentevolve runs on one device (got {trainer.world_size}): "
+                        "it learns from one ordered stream of problems, whose memory and nights every problem must see")
     batch_size = 1 if cfg.perf.reference_mode else cfg.data.batch_size
     datamodule = ProblemDataModule(problems, batch_size, skip_ids=done)
     if done:

@@ -63,15 +63,12 @@ class NightCallback(Callback):
         from lit_latent.weaver import fit_weaver, load_weaver
 
         e, z_base, z_star = self.memory.tensors()
-        if trainer.world_size > 1:
-            # every rank trains on the memories of all ranks, so every rank gets the same weaver
-            e, z_base, z_star = (_gather_rows(trainer, x) for x in (e, z_base, z_star))
         if len(e) < 2:
             print(f"night after {self.seen} problems skipped: the memory holds {len(e)} entries")
             return
         night = len(self.nights) + 1
         out = self.out_dir / f"night-{night:03d}"
-        # the night's fit runs in this process on this device; in predict, nothing is DDP-wrapped
+        # the night's fit runs in this process on this device (LatentEvolve runs on one device)
         result = fit_weaver(e, z_base, z_star, self.weaver_cfg, TrainerConfig(accelerator="cpu" if pl_module.device.type == "cpu" else "auto", devices=1),
                             out, self.seed + night, self.hidden_size, self.model_id, self.backbone_path, progress_bar=False)
         pl_module.weaver = load_weaver(out, self.hidden_size, self.model_id, backbone_path=self.backbone_path).to(pl_module.device)
@@ -79,13 +76,3 @@ class NightCallback(Callback):
                             "identity_val_mse": result.identity_val_mse, "checkpoint": str(out)})
         print(f"night {night} after {self.seen} problems: weaver on {len(e)} memories, "
               f"val MSE {result.val_mse:.4f} (identity {result.identity_val_mse:.4f}) -> {out}")
-
-
-def _gather_rows(trainer, x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor's rows over all ranks (ranks may hold different counts)."""
-    import torch.distributed as dist
-
-    parts = [None] * trainer.world_size
-    dist.all_gather_object(parts, x.cpu())
-    filled = [p for p in parts if len(p)]
-    return torch.cat(filled, dim=0) if filled else x

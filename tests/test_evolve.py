@@ -73,3 +73,32 @@ def test_memory_of_another_model_is_refused(tiny_model_dir, ten_problems, tmp_pa
     rc = run_entry_point(adapt.main, evolve_args(tiny_model_dir, ten_problems, tmp_path / "r", f"memory.path={tmp_path / 'mem'}"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "some-other-model" in err and "\n" not in err
+
+
+def test_latentevolve_on_several_devices_is_refused_in_one_line(tiny_model_dir, ten_problems, tmp_path, capsys):
+    rc = run_entry_point(adapt.main, evolve_args(tiny_model_dir, ten_problems, tmp_path / "r", "trainer.devices=2",
+                                                 "trainer.strategy=ddp"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "trainer.devices" in err and "\n" not in err
+    assert not (tmp_path / "r" / "predictions.jsonl").exists()
+
+
+def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from lit_latent.generation import model_id
+    from lit_latent.weaver import load_weaver
+
+    g = torch.Generator().manual_seed(0)
+    memory = EpisodicMemory(tmp_path / "mem", model_id(tiny_model_dir), 32)
+    e, z_base = torch.randn(24, 32, generator=g), torch.randn(24, 3, 32, generator=g)
+    memory.add(e, z_base, z_base + 0.5 * e[:, None, :], [1.0] * 24, [f"m{i}" for i in range(24)])
+    out = tmp_path / "weaver"
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"memory.path={tmp_path / 'mem'}", f"out={out}",
+                          "weaver.max_epochs=3", "trainer.accelerator=cpu", "trainer.devices=2",
+                          "trainer.strategy=ddp"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("weaver saved to") == 1  # one report, from rank 0
+    weaver = load_weaver(out, 32, model_id(tiny_model_dir), latent_count=3)
+    assert weaver(e[:2], z_base[:2]).shape == (2, 3, 32)
