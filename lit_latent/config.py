@@ -139,8 +139,9 @@ class RewardConfig:
     """For kind=self: latentseek (4 checks), latentevolve (5 criteria), steps (per-line calculation)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Override check weights, e.g. {calculation: 2}; defaults follow the papers."""
-    verdict_tokens: int = 4
-    """Tokens generated for each verification verdict."""
+    verdict_tokens: int = 24
+    """Most tokens generated per verification answer (the step and final checks write ~10-18
+    tokens of work before the verdict; holistic answers stop after the verdict)."""
     majority_samples: int = 8
     """For kind=majority: sampled answers that vote."""
     class_path: Optional[str] = None
@@ -243,6 +244,9 @@ class PerfConfig:
     """The reference implementation's cost profile: batch 1, no KV cache, one verification at a time."""
     chunk: int = 64
     """Rows per batched generation of verification prompts and samples."""
+    max_active: int = 0
+    """LatentSeek: problems adapting at once; when one stops, the next problem of the loader's
+    batch (data.batch_size) takes its slot. 0: the whole batch at once."""
     autocast: bool = False
     """Run generation under bf16 autocast (for GPUs; latents and their loss stay float32)."""
     compile: bool = False
@@ -250,6 +254,7 @@ class PerfConfig:
 
     def __post_init__(self) -> None:
         _positive("perf.chunk", self.chunk)
+        _positive("perf.max_active", self.max_active, allow_zero=True)
 
 
 @dataclass

@@ -313,32 +313,52 @@ class LatentAdaptationModule(L.LightningModule):
         return records
 
     def latent_seek(self, problems: list[dict]) -> list[dict]:
-        """ALGORITHMS.md §1, for a batch of problems, each with its own latents."""
+        """ALGORITHMS.md §1, for a batch of problems, each with its own latents.
+
+        At most ``perf.max_active`` problems adapt at once (0: the whole batch); when one
+        stops, the next problem of the batch takes its slot, so long adaptations do not leave
+        the batch half empty (continuous batching).
+        """
         cfg = self.cfg.latent
         reward = find_reward(self.trainer)
         head = self.lm_head
-
-        # 1. greedy chain of thought with its latents; the prompts' cache serves every candidate
+        n = len(problems)
+        width = self.cfg.perf.max_active or n
         prompts = self.encode(problems)
-        state = self.prompt_state(prompts)
-        first = self.generate(prompts, return_hidden=True, prompt_state=state)
-        texts = self.decode(first.tokens)
-        scores = reward.score(self, problems, texts)
-        records = [self.start_adaptive_record(p, texts[i], first.new_tokens[i], scores, i, reward) for i, p in enumerate(problems)]
-        current = list(scores.rewards)
-
-        # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of each answer
-        lengths = [latent_count(len(t), cfg.rho, cfg.max_latents) for t in first.tokens]
-        latents = [h[:n].detach().clone().float().requires_grad_(True) for h, n in zip(first.hidden, lengths)]
-        original = [t[:n] for t, n in zip(first.tokens, lengths)]
-        # one Adam over all problems: a finished problem's grad stays None, so Adam skips it
-        optimizer = torch.optim.Adam([z for z in latents if z.numel()], lr=cfg.lr)
+        state = self.prompt_state(prompts)  # the prompts' cache serves every candidate
+        records: list[dict] = [{} for _ in range(n)]
+        latents: list[Optional[torch.Tensor]] = [None] * n
+        original: list[list[int]] = [[] for _ in range(n)]
+        current, steps = [0.0] * n, [0] * n
         samplers = [self.generator(p["id"], "latent") for p in problems]
-
-        active = [i for i in range(len(problems)) if current[i] < cfg.stop_threshold and lengths[i] > 0]
-        for step in range(cfg.max_iterations):
+        optimizer: Optional[torch.optim.Optimizer] = None
+        pending, active = list(range(n)), []
+        while pending or active:
+            # 1. newcomers: greedy chain of thought with its latents, and its reward
+            new, pending = pending[: width - len(active)], pending[width - len(active) :]
+            if new:
+                first = self.generate([prompts[i] for i in new], return_hidden=True, prompt_state=state and state.select(new))
+                texts = self.decode(first.tokens)
+                scores = reward.score(self, [problems[i] for i in new], texts)
+                for k, i in enumerate(new):
+                    records[i] = self.start_adaptive_record(problems[i], texts[k], first.new_tokens[k], scores, k, reward)
+                    current[i] = scores.rewards[k]
+                    # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of the answer
+                    count = latent_count(len(first.tokens[k]), cfg.rho, cfg.max_latents)
+                    latents[i] = first.hidden[k][:count].detach().clone().float().requires_grad_(True)
+                    original[i] = first.tokens[k][:count]
+                    if count == 0 or current[i] >= cfg.stop_threshold:
+                        continue
+                    # one Adam over all problems: a finished problem's grad stays None, so Adam skips it
+                    if optimizer is None:
+                        optimizer = torch.optim.Adam([latents[i]], lr=cfg.lr)
+                    else:
+                        optimizer.add_param_group({"params": [latents[i]]})
+                    active.append(i)
             if not active:
-                break
+                continue
+            for i in active:
+                steps[i] += 1
             if cfg.samples == 1:
                 # 3-5. REINFORCE on the tokens the latents decode to, then a new candidate
                 losses = {}
@@ -346,17 +366,16 @@ class LatentAdaptationModule(L.LightningModule):
                     tokens = torch.tensor(decode_latents(head, latents[i]), device=self.device)
                     losses[i] = policy_loss(token_log_probs(head, latents[i], tokens).sum(), current[i] - 1.0)
                 active = self.optimizer_step(optimizer, latents, losses, records)
-                if not active:
-                    break
-                prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
-                out = self.generate([prompts[i] for i in active], prefixes=prefixes, prompt_state=state and state.select(active))
-                texts = self.decode(out.tokens)
-                scores = reward.score(self, [problems[i] for i in active], texts)
-                for k, i in enumerate(active):
-                    if self.numerical_error(records[i], "reward", scores.rewards[k]):
-                        continue  # the problem keeps its last good candidate
-                    current[i] = scores.rewards[k]
-                    self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k, latents[i])
+                if active:
+                    prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
+                    out = self.generate([prompts[i] for i in active], prefixes=prefixes, prompt_state=state and state.select(active))
+                    texts = self.decode(out.tokens)
+                    scores = reward.score(self, [problems[i] for i in active], texts)
+                    for k, i in enumerate(active):
+                        if self.numerical_error(records[i], "reward", scores.rewards[k]):
+                            continue  # the problem keeps its last good candidate
+                        current[i] = scores.rewards[k]
+                        self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k, latents[i])
             else:
                 # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
                 m = cfg.samples
@@ -378,8 +397,8 @@ class LatentAdaptationModule(L.LightningModule):
                 active = self.optimizer_step(optimizer, latents, losses, records)
                 for i in active:  # what the updated latents now decode to
                     self.note_latents(records[i]["candidates"][-1], latents[i])
-            # 6. stop a problem once its reward passes the threshold
-            active = [i for i in active if current[i] < cfg.stop_threshold]
+            # 6. a problem stops once its reward passes the threshold, or after K iterations
+            active = [i for i in active if current[i] < cfg.stop_threshold and steps[i] < cfg.max_iterations]
         if cfg.answer == "best":
             for rec in records:
                 self.choose_best_candidate(rec)

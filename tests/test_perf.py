@@ -42,7 +42,7 @@ def test_a_finished_problem_leaves_the_active_set(tiny_model, char_tokenizer, mo
     class SpyAdam(real_adam):
         def step(self, closure=None):
             result = super().step(closure)
-            snapshots.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+            snapshots.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
             return result
 
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
@@ -79,3 +79,32 @@ def test_shared_prefill_of_verification_prompts_gives_the_same_answers(tiny_mode
     slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
     assert fast == slow
     assert fast[0][0] == fast[0][-1] and all(n > 0 for n in fast[1])
+
+
+def test_continuous_batching_gives_the_same_records_as_the_whole_batch(tiny_model, char_tokenizer):
+    for samples in (1, 2):
+        cfg = make_cfg(max_latents=4, lr=0.05, samples=samples)
+        whole = predict(tiny_model, char_tokenizer, cfg, PassAfterReward(3), batch_size=3)
+        cfg.perf.max_active = 1  # one problem at a time: each next one takes the freed slot
+        sliding = predict(tiny_model, char_tokenizer, cfg, PassAfterReward(3), batch_size=3)
+        assert sliding == whole
+
+
+def test_a_freed_slot_goes_to_the_next_problem(tiny_model, char_tokenizer, monkeypatch):
+    from lit_latent import module as module_py
+
+    widths = []
+    real = module_py.LatentAdaptationModule.generate
+
+    def spy(self, prompts, **kw):
+        widths.append((len(prompts), kw.get("prefixes") is not None))
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(module_py.LatentAdaptationModule, "generate", spy)
+    cfg = make_cfg(max_latents=3, max_iterations=4)
+    cfg.perf.max_active = 2
+    recs = predict(tiny_model, char_tokenizer, cfg, StopFirst(0), batch_size=3)
+    assert [r["iterations"] for r in recs] == [1, 4, 4]
+    # two problems start; p0 stops after one iteration and p2 starts in its slot; never more than 2 adapt
+    assert widths[:3] == [(2, False), (2, True), (1, False)]
+    assert all(n <= 2 for n, regenerating in widths if regenerating)
