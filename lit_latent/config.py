@@ -139,9 +139,8 @@ class RewardConfig:
     """For kind=self: latentseek (4 checks), latentevolve (5 criteria), steps (per-line calculation)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Override check weights, e.g. {calculation: 2}; defaults follow the papers."""
-    verdict_tokens: int = 24
-    """Most tokens generated per verification answer (the step and final checks write ~10-18
-    tokens of work before the verdict; holistic answers stop after the verdict)."""
+    verdict_tokens: int = 4
+    """Tokens generated for each verification verdict."""
     majority_samples: int = 8
     """For kind=majority: sampled answers that vote."""
     class_path: Optional[str] = None
