@@ -125,19 +125,26 @@ def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional
 
 
 class ReservedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer with room to grow: a decode step writes its new
-    position in place. transformers' ``DynamicLayer`` re-concatenates the whole cache at
-    every token, a full copy per step that took a third of greedy decoding time on CPU."""
+    """One layer's KV cache in a buffer with ``room`` positions to spare: a new position is
+    written in place. transformers' ``DynamicLayer`` re-concatenates the whole cache at every
+    token, a full copy per step that took a third of greedy decoding time on CPU.
 
-    def __init__(self, keys: Tensor, values: Tensor, extra: int):
+    Positions below ``length`` are never written again, so layer copies that share a buffer
+    (``copy.copy``) stay correct as long as their generations run one after another."""
+
+    def __init__(self, room: int = 256):
         super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._k, self._v, self.length = keys, values, keys.shape[-2]
-        self._resize(self.length + extra)
+        self.room, self.length = room, 0
+        self._k: Optional[Tensor] = None
+        self._v: Optional[Tensor] = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]
-        if end > self._k.shape[-2]:  # out of room: double it
+        if self._k is None:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._k, self._v = key_states[:, :, :0], value_states[:, :, :0]
+            self._resize(end + self.room)
+        elif end > self._k.shape[-2]:  # out of room: double it
             self._resize(max(end, 2 * self._k.shape[-2]))
         self._k[:, :, self.length : end] = key_states
         self._v[:, :, self.length : end] = value_states
@@ -145,9 +152,10 @@ class ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        capacity = self._k.shape[-2]
-        self._k, self._v = self.keys[indices], self.values[indices]  # copies only the filled part
-        self._resize(capacity)
+        if self._k is not None:
+            capacity = self._k.shape[-2]
+            self._k, self._v = self.keys[indices], self.values[indices]  # copies only the filled part
+            self._resize(capacity)
 
     def _resize(self, capacity: int) -> None:
         B, H, _, D = self._k.shape
@@ -161,10 +169,14 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
 
-def _reserve(cache, extra: int) -> None:
-    """Give every plain dynamic layer of ``cache`` room for ``extra`` more positions."""
-    cache.layers = [ReservedLayer(layer.keys, layer.values, extra) if type(layer) is DynamicLayer and layer.is_initialized
-                    else layer for layer in cache.layers]
+def new_cache(model, room: int):
+    """An empty KV cache for ``model`` whose full-attention layers are ``ReservedLayer``s
+    (other layer kinds, e.g. sliding windows, keep transformers' own)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [ReservedLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass
@@ -180,7 +192,7 @@ class PromptState:
         """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
         cache = copy.copy(self.cache)
-        # layers are shallow-copied: generation rebinds their tensors (torch.cat), never writes in place
+        # layer objects are copied, then each takes its rows into a fresh buffer
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         cache.batch_select_indices(index)
         return PromptState(cache, self.mask[index], self.last[index])
@@ -190,7 +202,8 @@ class PromptState:
 def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                           past_key_values=new_cache(model, room=256), use_cache=True)
     return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
 
 
@@ -233,7 +246,8 @@ def generate(
     if prompt_state is None or not use_cache:
         rows = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
         ids, mask = _left_pad(rows, pad_id, device)
-        out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache)
+        out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache,
+                       past_key_values=new_cache(model, room=min(max_new_tokens, 256)) if use_cache else None)
         cache = out.past_key_values if use_cache else None
         states = out.last_hidden_state  # [B, S, d]
         if return_hidden:
@@ -247,10 +261,9 @@ def generate(
         if prompt_state.mask.shape[0] != batch:
             raise ValueError(f"prompt_state has {prompt_state.mask.shape[0]} rows for {batch} prompts")
         cache = copy.copy(prompt_state.cache)
-        # new layer objects over the same tensors: the caller's state is never touched, and
-        # the reserved buffers below are the only copy of the cache this call makes
+        # new layer objects over the same buffers: this call writes only past the prompts, so
+        # the caller's state keeps its positions and lengths
         cache.layers = [copy.copy(layer) for layer in prompt_state.cache.layers]
-        _reserve(cache, max((len(x) for x in prefixes), default=0) + min(max_new_tokens, 256))
         state, mask, last = prompt_state, prompt_state.mask, prompt_state.last
         ids = None
         if any(len(x) for x in prefixes):
@@ -270,8 +283,6 @@ def generate(
                         hidden_rows[i].append(state.last[i : i + 1])
                         hidden_rows[i].append(out.last_hidden_state[i, width - len(prefix) : width - 1])
 
-    if use_cache and prompt_state is None:
-        _reserve(cache, min(max_new_tokens, 256))  # grows by doubling past that
     # `live` maps the rows still in the batch to their original index: finished rows are
     # dropped once they are a quarter of the batch, so long answers do not carry short ones
     live = torch.arange(batch, device=device)

@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from lit_latent.generation import generate
@@ -105,7 +107,8 @@ def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
     plain = DynamicLayer()
     k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     plain.update(k, v)
-    reserved = ReservedLayer(k.clone(), v.clone(), extra=1)  # forces several doublings below
+    reserved = ReservedLayer(room=1)  # forces several doublings below
+    reserved.update(k.clone(), v.clone())
     for step in range(7):
         k, v = torch.randn(3, 2, 1 + step % 2, 4), torch.randn(3, 2, 1 + step % 2, 4)
         want, got = plain.update(k, v), reserved.update(k, v)
@@ -117,3 +120,6 @@ def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
     assert torch.equal(plain.keys, reserved.keys) and torch.equal(plain.values, reserved.values)
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     assert torch.equal(plain.update(k, v)[0], reserved.update(k, v)[0])
+    copied = copy.copy(reserved)  # shares the buffer: writes past its length leave the original intact
+    copied.update(torch.ones(2, 2, 3, 4), torch.ones(2, 2, 3, 4))
+    assert torch.equal(plain.keys, reserved.keys) and reserved.get_seq_length() == 16
