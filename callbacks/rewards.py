@@ -96,6 +96,15 @@ def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[s
     return pairs
 
 
+def unverifiable_lines(solution: str) -> int:
+    """For the ``steps`` scheme: lines that are neither one calculation ``a op b = c`` nor the
+    closing answer sentence. No single-line question fits them (a latent edit often leaves
+    ``31 ×  = 9``), so each counts as a failed calculation check instead of being skipped."""
+    calc = set(calculation_lines(solution))
+    return sum(1 for ln in solution.splitlines()
+               if ln.strip() and ln.strip() not in calc and "\\boxed" not in ln and "answer is" not in ln.lower())
+
+
 def combine_verdicts(verdicts: dict[str, list[Optional[bool]]], weights: dict[str, float]) -> float:
     """1 - (weight of failed criteria) / (total weight). A criterion passes only if all its
     verdicts are yes; a missing or unparseable verdict (None) fails, as does a criterion
@@ -131,6 +140,9 @@ class SelfReward(RewardCallback):
         for i, crit, text, n in zip(owners, crits, texts, new_tokens):
             verdicts[i].setdefault(crit, []).append(parse_verdict(text))
             tokens[i] += n
+        if self.scheme == "steps" and "calculation" in self.weights:
+            for i, c in enumerate(completions):
+                verdicts[i].setdefault("calculation", []).extend([False] * unverifiable_lines(c))
         rewards = [combine_verdicts(v, self.weights) for v in verdicts]
         details = [{c: [None if x is None else int(x) for x in vs] for c, vs in v.items()} for v in verdicts]
         return Scores(rewards, tokens, details)

@@ -104,3 +104,15 @@ def test_custom_reward_by_import_path():
         make_reward(RewardConfig(kind="custom", class_path="custom_rewards.PassAfterReward", kwargs={"m": 1}))
     assert isinstance(make_reward(RewardConfig(kind="verifier")), VerifierReward)
     assert isinstance(Scores([1.0], [0]).details, list)
+
+
+def test_steps_scheme_fails_lines_it_cannot_ask_about():
+    # a latent edit left "31 ×  = 9": it is not one calculation, so it fails instead of being skipped
+    garbled = "31 ×  = 9\n9 + 16 = 25\nThe answer is \\boxed{25}."
+    module = FakeModule(lambda m: "yes")
+    scores = SelfReward("steps").score(module, [{"id": "p", "problem": "a problem", "answer": "25"}], [garbled])
+    assert scores.details[0]["calculation"] == [1, 0]
+    assert scores.rewards[0] == pytest.approx(1 - 2 / 6)
+    clean = SelfReward("steps").score(module, [{"id": "p", "problem": "a problem", "answer": "25"}],
+                                      ["9 + 16 = 25\nThe answer is \\boxed{25}."])
+    assert clean.rewards[0] == 1.0
