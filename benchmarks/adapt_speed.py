@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(HELDOUT_PATH))
     ap.add_argument("--problems", type=int, default=50)
     ap.add_argument("--reward", default="verifier", choices=["verifier", "self", "majority"])
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=50, help="fast-path batch (the slow mode runs one problem at a time)")
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")

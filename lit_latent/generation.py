@@ -152,10 +152,15 @@ class ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        if self._k is not None:
-            capacity = self._k.shape[-2]
-            self._k, self._v = self.keys[indices], self.values[indices]  # copies only the filled part
-            self._resize(capacity)
+        if self._k is None:
+            return
+        _, H, capacity, D = self._k.shape
+        k, v = self._k.new_empty(len(indices), H, capacity, D), self._v.new_empty(len(indices), H, capacity, D)
+        # one pass over the filled part, straight into the new buffers
+        torch.index_select(self.keys, 0, indices, out=k[:, :, : self.length])
+        torch.index_select(self.values, 0, indices, out=v[:, :, : self.length])
+        self._k, self._v = k, v
+        self._set_length(self.length)
 
     def _resize(self, capacity: int) -> None:
         B, H, _, D = self._k.shape
