@@ -171,14 +171,12 @@ class LatentAdaptationModule(L.LightningModule):
                 out = self.generate([row], max_new_tokens=max_new_tokens)
                 texts[i], counts[i] = self.decode(out.tokens)[0], out.new_tokens[0]
             return texts, counts
-        chunks: list[list[tuple[int, list[int]]]] = [[]]
+        chunks: list[list[tuple[int, list[int]]]] = []
         for group in shared_openings(ids):  # whole groups, at most perf.chunk rows where they allow
-            if chunks[-1] and sum(len(m) for _, m in chunks[-1]) + len(group[1]) > self.chunk:
+            if not chunks or sum(len(m) for _, m in chunks[-1]) + len(group[1]) > self.chunk:
                 chunks.append([])
             chunks[-1].append(group)
         for chunk in chunks:
-            if not chunk:
-                continue
             heads = [ids[members[0]][:cut] for cut, members in chunk]
             rows = [(h, i, ids[i][cut:]) for h, (cut, members) in enumerate(chunk) for i in members]
             state = encode_prompts(self.model, heads, self.pad_id)
