@@ -139,7 +139,20 @@ def is_equivalent(gold: str, pred: str | None, choices: int = 0) -> bool:
     gold_n, pred_n = _normalise(gold), _normalise(pred)
     if not gold_n or not pred_n:
         return False
-    return gold_n == pred_n or math_equal(gold, pred)
+    if gold_n == pred_n:
+        return True
+    gold_int, pred_int = _as_integer(gold_n), _as_integer(pred_n)
+    if gold_int is not None and pred_int is not None:
+        return gold_int == pred_int  # what math-verify says of two integers, a thousand times faster
+    return math_equal(gold, pred)
+
+
+_INTEGER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
+
+
+def _as_integer(s: str) -> int | None:
+    """``-1,234`` -> -1234; None for anything that is not a plain integer."""
+    return int(s.replace(",", "")) if _INTEGER_RE.fullmatch(s) else None
 
 
 def math_equal(gold: str, pred: str) -> bool:

@@ -215,3 +215,9 @@ def test_answer_accuracy() -> None:
     assert metric.interval() == pytest.approx(wilson_interval(3, 5))
     metric.reset()
     assert int(metric.total) == 0
+
+
+@pytest.mark.parametrize("gold, pred", [("1000", "1,000"), ("12", "13"), ("007", "7"), ("0", "-0"), ("-5", "5"),
+                                        ("1,2", "12"), ("18", "18.0"), ("250", "25")])
+def test_integer_fast_path_agrees_with_math_verify(gold: str, pred: str) -> None:
+    assert is_equivalent(gold, pred) == math_equal(gold, pred)
