@@ -138,6 +138,13 @@ class ReservedLayer(DynamicLayer):
         self._k: Optional[Tensor] = None
         self._v: Optional[Tensor] = None
 
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, room: int = 256) -> "ReservedLayer":
+        """A layer that starts with these keys and values (copied into its buffer)."""
+        layer = cls(room)
+        layer.update(keys, values)
+        return layer
+
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if self._k is None:
@@ -209,6 +216,19 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
     ids, mask = _left_pad(prompts, pad_id, device)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                            past_key_values=new_cache(model, room=256), use_cache=True)
+    return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
+
+
+@torch.no_grad()
+def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> PromptState:
+    """``state`` with ``blocks[i]`` (at least one token each) appended to row ``i``. The blocks
+    are left-padded as one block after the cached rows: the pads sit mid-sequence, masked out,
+    and positions follow each row's own tokens."""
+    device = state.mask.device
+    block, block_mask = _left_pad(blocks, pad_id, device)
+    mask = torch.cat([state.mask, block_mask], dim=1)
+    out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
+                           past_key_values=state.cache, use_cache=True)
     return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
 
 

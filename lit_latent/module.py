@@ -25,7 +25,17 @@ from callbacks.rewards import RewardCallback, Scores, find_reward, majority_answ
 from lit_latent.answers import extract_answer, is_equivalent
 from lit_latent.config import AdaptConfig
 from lit_latent.data import num_choices, user_message
-from lit_latent.generation import Generation, PromptState, chat_prompt, encode_prompts, eos_token_ids, generate
+from lit_latent.generation import (
+    Generation,
+    PromptState,
+    ReservedLayer,
+    chat_prompt,
+    encode_prompts,
+    eos_token_ids,
+    extend_prompts,
+    generate,
+    new_cache,
+)
 from lit_latent.latents import (
     decode_latents,
     keep_through_first_change,
@@ -35,6 +45,15 @@ from lit_latent.latents import (
     sample_latents,
     token_log_probs,
 )
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list[tuple[int, list[int]]]:
@@ -47,19 +66,11 @@ def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list
     alone has ``cut`` = its whole length.
     """
 
-    def common(a, b):
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
-
     groups: list[tuple[int, list[int]]] = []
     for i in sorted(range(len(rows)), key=lambda i: list(rows[i])):
         if groups:
             cut, members = groups[-1]
-            n = common(rows[members[0]], rows[i])
+            n = common_prefix(rows[members[0]], rows[i])
             if n >= min_shared and (len(members) == 1 or (cut - n) * len(members) < n):
                 groups[-1] = (n if len(members) == 1 else min(cut, n), members + [i])
                 continue
@@ -85,6 +96,9 @@ class LatentAdaptationModule(L.LightningModule):
         self.memory = None
         self.weaver: Optional[torch.nn.Module] = None
         self._logged_batches = 0  # x axis of the reward curves in logs/metrics.csv
+        # verification openings encoded in this batch: their KV cache serves later candidates
+        # of the same problem (first 32 tokens -> (tokens, per-layer keys and values))
+        self._openings: dict[tuple[int, ...], tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def setup(self, stage: str) -> None:
         if self.cfg.perf.compile and not getattr(self, "_compiled", False):
@@ -179,13 +193,48 @@ class LatentAdaptationModule(L.LightningModule):
         for chunk in chunks:
             heads = [ids[members[0]][:cut] for cut, members in chunk]
             rows = [(h, i, ids[i][cut:]) for h, (cut, members) in enumerate(chunk) for i in members]
-            state = encode_prompts(self.model, heads, self.pad_id)
+            state = self.encode_openings(heads)
             out = self.generate([heads[h] for h, _, _ in rows], prefixes=[tail for _, _, tail in rows],
                                 max_new_tokens=max_new_tokens, prompt_state=state.select([h for h, _, _ in rows]))
             for k, (_, i, tail) in enumerate(rows):
                 texts[i] = self.decode([out.tokens[k][len(tail):]])[0]
                 counts[i] = out.new_tokens[k]
         return texts, counts
+
+    def encode_openings(self, heads: list[list[int]]) -> PromptState:
+        """The KV cache of shared verification openings. An opening that starts like one
+        encoded earlier in this batch (the same problem, another candidate solution: the
+        problem and often the first lines match) continues from that one's cache."""
+        found = []
+        for head in heads:
+            tokens, kv = self._openings.get(tuple(head[:32]), ([], None))
+            n = min(common_prefix(tokens, head), len(head) - 1)  # the last token is encoded anew: it gives `last`
+            found.append((n, kv) if n >= 16 else (0, None))
+        if not any(n for n, _ in found):
+            state = encode_prompts(self.model, heads, self.pad_id)
+        else:
+            # the known parts, right-aligned as a cache (a row with none is all padding), then the rest
+            width = max(n for n, _ in found)
+            mask = torch.zeros((len(heads), width), dtype=torch.long, device=self.device)
+            cache = new_cache(self.model, room=256)
+            reference = next(kv for n, kv in found if n)
+            cache.layers = []
+            for layer, (k0, v0) in enumerate(reference):
+                keys = k0.new_zeros(len(heads), k0.shape[1], width, k0.shape[3])
+                values = v0.new_zeros(len(heads), v0.shape[1], width, v0.shape[3])
+                for g, (n, kv) in enumerate(found):
+                    if n:
+                        keys[g, :, width - n :], values[g, :, width - n :] = kv[layer][0][0, :, :n], kv[layer][1][0, :, :n]
+                        mask[g, width - n :] = 1
+                cache.layers.append(ReservedLayer.holding(keys, values))
+            known = PromptState(cache, mask, torch.empty(0, device=self.device))
+            state = extend_prompts(self.model, known, [h[n:] for h, (n, _) in zip(heads, found)], self.pad_id)
+        if all(isinstance(layer, ReservedLayer) for layer in state.cache.layers):  # plain full attention
+            for g, head in enumerate(heads):
+                real = state.mask[g].nonzero().squeeze(1)
+                kv = [(layer.keys[g : g + 1, :, real], layer.values[g : g + 1, :, real]) for layer in state.cache.layers]
+                self._openings[tuple(head[:32])] = (head, kv)
+        return state
 
     def sample_answers(self, problems: Sequence[dict], n: int, tag: str) -> tuple[list[str], list[int]]:
         """n sampled answers per problem, as one batch: ``[p1, p2] -> [p1 x n, p2 x n]``."""
@@ -238,6 +287,7 @@ class LatentAdaptationModule(L.LightningModule):
         }.get(self.cfg.method)
         if method is None:
             raise ValueError(f"method {self.cfg.method!r} is not run by {type(self).__name__}")
+        self._openings.clear()  # a batch's verification openings do not outlive it
         # Lightning wraps predict in no_grad even with inference_mode=False
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.perf.autocast)
         with torch.enable_grad(), autocast:

@@ -108,3 +108,29 @@ def test_a_freed_slot_goes_to_the_next_problem(tiny_model, char_tokenizer, monke
     # two problems start; p0 stops after one iteration and p2 starts in its slot; never more than 2 adapt
     assert widths[:3] == [(2, False), (2, True), (1, False)]
     assert all(n <= 2 for n, regenerating in widths if regenerating)
+
+
+def test_a_later_candidate_continues_from_the_cached_opening_of_an_earlier_one(tiny_model, char_tokenizer, monkeypatch):
+    from lit_latent import module as module_py
+    from lit_latent.prompts import HOLISTIC_QUESTIONS, holistic_check_prompt
+
+    problem = "Tom has 12 apples and gets 3 more."
+    first = [holistic_check_prompt(c, problem, "12 + 3 = 15\nThe answer is \\boxed{15}.") for c in HOLISTIC_QUESTIONS]
+    later = [holistic_check_prompt(c, problem, "12 + 3 = 16\nThe answer is \\boxed{16}.") for c in HOLISTIC_QUESTIONS]
+    cfg = make_cfg()
+    fast = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
+    extended = []
+    real_extend = module_py.extend_prompts
+
+    def spy(model, state, blocks, pad_id):
+        extended.append([len(b) for b in blocks])
+        return real_extend(model, state, blocks, pad_id)
+
+    monkeypatch.setattr(module_py, "extend_prompts", spy)
+    got = [fast.complete(first, max_new_tokens=6), fast.complete(later, max_new_tokens=6)]
+    # the second call encoded only what follows "...12 + 3 = 1" of the first candidate's opening
+    opening = fast.encode_message(later[0])
+    assert len(extended) == 1 and 0 < extended[0][0] < len(opening) // 3
+    cfg.perf.reference_mode = True
+    slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
+    assert got == [slow.complete(first, max_new_tokens=6), slow.complete(later, max_new_tokens=6)]
