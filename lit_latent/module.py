@@ -186,7 +186,8 @@ class LatentAdaptationModule(L.LightningModule):
                 texts[i], counts[i] = self.decode(out.tokens)[0], out.new_tokens[0]
             return texts, counts
         chunks: list[list[tuple[int, list[int]]]] = []
-        for group in shared_openings(ids):  # whole groups, at most perf.chunk rows where they allow
+        # whole groups, at most perf.chunk rows where they allow; by opening length, so little padding
+        for group in sorted(shared_openings(ids), key=lambda g: g[0]):
             if not chunks or sum(len(m) for _, m in chunks[-1]) + len(group[1]) > self.chunk:
                 chunks.append([])
             chunks[-1].append(group)
