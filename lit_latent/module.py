@@ -116,15 +116,20 @@ class LatentAdaptationModule(L.LightningModule):
     # --- text <-> tokens ----------------------------------------------------------------
 
     def encode_message(self, message: str) -> list[int]:
-        text = chat_prompt(self.tokenizer, message)
-        return self.tokenizer(text, add_special_tokens=not self._use_template)["input_ids"]
+        return self.encode_messages([message])[0]
+
+    def encode_messages(self, messages: Sequence[str]) -> list[list[int]]:
+        """Token ids of user messages in the chat template, tokenized as one batch."""
+        if not messages:
+            return []
+        texts = [chat_prompt(self.tokenizer, m) for m in messages]
+        return self.tokenizer(texts, add_special_tokens=not self._use_template)["input_ids"]
 
     def encode(self, problems: Sequence[dict]) -> list[list[int]]:
         """Prompt ids of each problem, cut from the left to ``data.max_prompt_tokens``."""
         limit = self.cfg.data.max_prompt_tokens
         out = []
-        for p in problems:
-            ids = self.encode_message(user_message(p, self.cfg.data.prompt))
+        for p, ids in zip(problems, self.encode_messages([user_message(p, self.cfg.data.prompt) for p in problems])):
             if len(ids) > limit:
                 if p["id"] not in self._truncated:
                     warnings.warn(f"problem {p['id']}: prompt of {len(ids)} tokens cut to data.max_prompt_tokens={limit}")
@@ -178,7 +183,7 @@ class LatentAdaptationModule(L.LightningModule):
         restate its problem and solution) share one prefill of it on the fast path: each
         group's common opening is encoded once and every message continues from its cache.
         """
-        ids = [self.encode_message(m) for m in messages]
+        ids = self.encode_messages(messages)
         texts, counts = [""] * len(ids), [0] * len(ids)
         if self.cfg.perf.reference_mode:
             for i, row in enumerate(ids):
