@@ -220,16 +220,20 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
 
 
 @torch.no_grad()
-def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> PromptState:
-    """``state`` with ``blocks[i]`` (at least one token each) appended to row ``i``. The blocks
-    are left-padded as one block after the cached rows: the pads sit mid-sequence, masked out,
-    and positions follow each row's own tokens."""
-    device = state.mask.device
-    block, block_mask = _left_pad(blocks, pad_id, device)
+def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> tuple[PromptState, Tensor]:
+    """``state`` with ``blocks[i]`` appended to row ``i``, and the block's hidden states
+    ``[B, W, d]``. The blocks are left-padded as one block after the cached rows: the pads sit
+    mid-sequence, masked out, and positions follow each row's own tokens. A row whose block is
+    empty keeps its last state."""
+    block, block_mask = _left_pad(blocks, pad_id, state.mask.device)
     mask = torch.cat([state.mask, block_mask], dim=1)
     out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
                            past_key_values=state.cache, use_cache=True)
-    return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
+    last = out.last_hidden_state[:, -1]
+    if not all(len(b) for b in blocks):
+        has_block = torch.tensor([len(b) > 0 for b in blocks], device=last.device)
+        last = torch.where(has_block[:, None], last, state.last)
+    return PromptState(out.past_key_values, mask, last), out.last_hidden_state
 
 
 @torch.no_grad()
@@ -289,24 +293,18 @@ def generate(
         # new layer objects over the same buffers: this call writes only past the prompts, so
         # the caller's state keeps its positions and lengths
         cache.layers = [copy.copy(layer) for layer in prompt_state.cache.layers]
-        state, mask, last = prompt_state, prompt_state.mask, prompt_state.last
+        mask, last = prompt_state.mask, prompt_state.last
         ids = None
         if any(len(x) for x in prefixes):
-            # the prefixes, left-padded as a block after the cached prompts: pads sit mid-sequence, masked out
-            block, block_mask = _left_pad(prefixes, pad_id, device)
-            mask = torch.cat([mask, block_mask], dim=1)
-            out = backbone(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
-                           past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            width = block.shape[1]
-            has_prefix = torch.tensor([len(x) > 0 for x in prefixes], device=device)
-            last = torch.where(has_prefix[:, None], out.last_hidden_state[:, -1], last)
+            extended, block_states = extend_prompts(model, PromptState(cache, mask, last), prefixes, pad_id)
+            cache, mask, last = extended.cache, extended.mask, extended.last
             if return_hidden:
+                width = block_states.shape[1]
                 for i, prefix in enumerate(prefixes):
                     if len(prefix):
                         # prefix token 0 is predicted by the prompt's last state, token j by block position j - 1
-                        hidden_rows[i].append(state.last[i : i + 1])
-                        hidden_rows[i].append(out.last_hidden_state[i, width - len(prefix) : width - 1])
+                        hidden_rows[i].append(prompt_state.last[i : i + 1])
+                        hidden_rows[i].append(block_states[i, width - len(prefix) : width - 1])
 
     # `live` maps the rows still in the batch to their original index: finished rows are
     # dropped once they are a quarter of the batch, so long answers do not carry short ones

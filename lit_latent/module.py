@@ -233,8 +233,9 @@ class LatentAdaptationModule(L.LightningModule):
                         keys[g, :, width - n :], values[g, :, width - n :] = kv[layer][0][0, :, :n], kv[layer][1][0, :, :n]
                         mask[g, width - n :] = 1
                 cache.layers.append(ReservedLayer.holding(keys, values))
+            # every row has at least one token left to encode, so its last state comes from there
             known = PromptState(cache, mask, torch.empty(0, device=self.device))
-            state = extend_prompts(self.model, known, [h[n:] for h, (n, _) in zip(heads, found)], self.pad_id)
+            state, _ = extend_prompts(self.model, known, [h[n:] for h, (n, _) in zip(heads, found)], self.pad_id)
         if all(isinstance(layer, ReservedLayer) for layer in state.cache.layers):  # plain full attention
             for g, head in enumerate(heads):
                 real = state.mask[g].nonzero().squeeze(1)
