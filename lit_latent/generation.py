@@ -359,3 +359,95 @@ def generate(
             row = torch.cat(hidden_rows[i], dim=0)
             hidden.append(row[: len(tokens[i])])
     return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
+
+
+@torch.no_grad()
+def generate_branches(
+    model,
+    state: PromptState,
+    branches: Sequence[Sequence[Sequence[int]]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Greedy continuations of several branches after each cached row of ``state``.
+
+    Row ``g`` holds an opening (e.g. one candidate's problem and solution) and
+    ``branches[g]`` its continuations (the verification questions about it, each non-empty).
+    All branches of a row are packed after the opening in one sequence, and a 4D attention
+    mask lets each branch see the opening and its own tokens only: every branch is answered
+    as if it were alone, while the opening's cache is neither copied nor repeated per branch.
+    Returns per row and branch the generated ids (EOS removed) and the tokens generated (EOS
+    included), like ``generate``.
+    """
+    device = state.mask.device
+    dtype = next(model.parameters()).dtype
+    blocked = torch.finfo(dtype).min
+    B, S = state.mask.shape
+    K = max(len(b) for b in branches)
+    if any(len(t) == 0 for b in branches for t in b):
+        raise ValueError("every branch needs at least one token of its own")
+    opening_len = state.mask.sum(1)  # [B]: positions continue from each row's own opening
+    widths = [sum(len(t) for t in b) for b in branches]
+    T = max(widths)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    branch_of = torch.full((B, T), -1, dtype=torch.long, device=device)
+    offset = torch.zeros((B, T), dtype=torch.long, device=device)
+    ends = torch.zeros((B, K), dtype=torch.long, device=device)  # block index of each branch's last token
+    for g, row in enumerate(branches):
+        at = 0
+        for k, tail in enumerate(row):
+            ids[g, at : at + len(tail)] = torch.tensor(list(tail), dtype=torch.long, device=device)
+            branch_of[g, at : at + len(tail)] = k
+            offset[g, at : at + len(tail)] = torch.arange(len(tail), device=device)
+            ends[g, k] = at + len(tail) - 1
+            at += len(tail)
+    exists = torch.tensor([[k < len(b) for k in range(K)] for b in branches], device=device)  # [B, K]
+    tail_len = torch.tensor([[len(b[k]) if k < len(b) else 0 for k in range(K)] for b in branches], device=device)
+
+    opening = state.mask.bool()[:, None, None, :]  # every query sees its row's opening (so none sees nothing)
+    # the block: a token sees the earlier tokens of its own branch
+    index = torch.arange(T, device=device)
+    same = (branch_of[:, :, None] == branch_of[:, None, :]) & (branch_of[:, None, :] >= 0)
+    causal = index[None, :, None] >= index[None, None, :]
+    sees = torch.cat([opening.expand(B, 1, T, S), (same & causal)[:, None]], dim=-1)
+    cache = copy.copy(state.cache)
+    cache.layers = [copy.copy(layer) for layer in state.cache.layers]  # write past the opening only
+    out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype, blocked),
+                           position_ids=opening_len[:, None] + offset, past_key_values=cache, use_cache=True)
+    last = out.last_hidden_state.gather(1, ends[:, :, None].expand(B, K, out.last_hidden_state.shape[-1]))
+    lm_head = model.get_output_embeddings()
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    done = ~exists  # rows with fewer branches fill the missing ones with finished dummies
+    generated = torch.full((B, K, max_new_tokens), -1, dtype=torch.long, device=device)
+    counts = torch.zeros((B, K), dtype=torch.long, device=device)
+    k_index = torch.arange(K, device=device)
+    own_block = branch_of[:, None, :] == k_index[None, :, None]  # [B, K, T]
+    gen_branch = torch.zeros(0, dtype=torch.long, device=device)  # branch of each generated key
+    gen_real = torch.zeros((B, 0), dtype=torch.bool, device=device)  # fed while its branch was running
+    for step in range(max_new_tokens):
+        nxt = lm_head(last).float().argmax(-1)  # [B, K]
+        counts += (~done).long()
+        is_eos = torch.isin(nxt, eos) & ~done
+        generated[:, :, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
+        done = done | is_eos
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        # one new token per branch: it sees the opening, its branch's block and its branch's generated tokens
+        gen_branch = torch.cat([gen_branch, k_index])
+        gen_real = torch.cat([gen_real, ~done], dim=-1)
+        own_gen = (gen_branch[None, None, :] == k_index[None, :, None]) & gen_real[:, None, :]
+        step_sees = torch.cat([opening[:, 0].expand(B, K, S), own_block, own_gen], dim=-1)[:, None]
+        out = model.base_model(input_ids=torch.where(done, torch.full_like(nxt, pad_id), nxt),
+                               attention_mask=_additive(step_sees, dtype, blocked),
+                               position_ids=opening_len[:, None] + tail_len + step, past_key_values=out.past_key_values,
+                               use_cache=True)
+        last = out.last_hidden_state
+    tokens = [[[t for t in generated[g, k].tolist() if t >= 0] for k in range(len(b))] for g, b in enumerate(branches)]
+    return tokens, [[int(counts[g, k]) for k in range(len(b))] for g, b in enumerate(branches)]
+
+
+def _additive(sees: Tensor, dtype, blocked: float) -> Tensor:
+    """A boolean "may attend" mask as the additive float mask every attention kernel takes."""
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, blocked)

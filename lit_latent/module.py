@@ -34,6 +34,7 @@ from lit_latent.generation import (
     eos_token_ids,
     extend_prompts,
     generate,
+    generate_branches,
     new_cache,
 )
 from lit_latent.latents import (
@@ -63,7 +64,7 @@ def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list
     Rows are sorted, so rows with long shared openings are neighbours. The next row joins the
     current group when they share at least ``min_shared`` tokens and shortening the group's
     opening to that costs the members fewer re-encoded tokens than the row would save. A row
-    alone has ``cut`` = its whole length.
+    alone keeps its last token.
     """
 
     groups: list[tuple[int, list[int]]] = []
@@ -76,7 +77,7 @@ def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list
                 continue
         groups.append((len(rows[i]), [i]))
     # every member keeps at least one token of its own to feed after the shared cache
-    return [(min(cut, min(len(rows[m]) for m in members) - (len(members) > 1)), members) for cut, members in groups]
+    return [(min(cut, min(len(rows[m]) for m in members) - 1), members) for cut, members in groups]
 
 
 class LatentAdaptationModule(L.LightningModule):
@@ -181,7 +182,8 @@ class LatentAdaptationModule(L.LightningModule):
 
         Messages that open with the same stretch of tokens (the checks of one candidate all
         restate its problem and solution) share one prefill of it on the fast path: each
-        group's common opening is encoded once and every message continues from its cache.
+        group's common opening is encoded once and its messages' own endings are packed after
+        it in one sequence (``generate_branches``), each answered as if alone.
         """
         ids = self.encode_messages(messages)
         texts, counts = [""] * len(ids), [0] * len(ids)
@@ -191,20 +193,19 @@ class LatentAdaptationModule(L.LightningModule):
                 texts[i], counts[i] = self.decode(out.tokens)[0], out.new_tokens[0]
             return texts, counts
         chunks: list[list[tuple[int, list[int]]]] = []
-        # whole groups, at most perf.chunk rows where they allow; by opening length, so little padding
+        # whole groups, at most perf.chunk messages where they allow; by opening length, so little padding
         for group in sorted(shared_openings(ids), key=lambda g: g[0]):
             if not chunks or sum(len(m) for _, m in chunks[-1]) + len(group[1]) > self.chunk:
                 chunks.append([])
             chunks[-1].append(group)
         for chunk in chunks:
-            heads = [ids[members[0]][:cut] for cut, members in chunk]
-            rows = [(h, i, ids[i][cut:]) for h, (cut, members) in enumerate(chunk) for i in members]
-            state = self.encode_openings(heads)
-            out = self.generate([heads[h] for h, _, _ in rows], prefixes=[tail for _, _, tail in rows],
-                                max_new_tokens=max_new_tokens, prompt_state=state.select([h for h, _, _ in rows]))
-            for k, (_, i, tail) in enumerate(rows):
-                texts[i] = self.decode([out.tokens[k][len(tail):]])[0]
-                counts[i] = out.new_tokens[k]
+            state = self.encode_openings([ids[members[0]][:cut] for cut, members in chunk])
+            endings = [[ids[i][cut:] for i in members] for cut, members in chunk]
+            tokens, new_tokens = generate_branches(self.model, state, endings, max_new_tokens=max_new_tokens,
+                                                   eos_ids=self.eos_ids, pad_id=self.pad_id)
+            for (_, members), group_tokens, group_counts in zip(chunk, tokens, new_tokens):
+                for i, t, n in zip(members, group_tokens, group_counts):
+                    texts[i], counts[i] = self.decode([t])[0], n
         return texts, counts
 
     def encode_openings(self, heads: list[list[int]]) -> PromptState:

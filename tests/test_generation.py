@@ -123,3 +123,36 @@ def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
     copied = copy.copy(reserved)  # shares the buffer: writes past its length leave the original intact
     copied.update(torch.ones(2, 2, 3, 4), torch.ones(2, 2, 3, 4))
     assert torch.equal(plain.keys, reserved.keys) and reserved.get_seq_length() == 16
+
+
+def test_packed_branches_answer_each_branch_as_if_alone(tiny_model, char_tokenizer):
+    # two openings, with 3 and 1 branches of different lengths: each branch's greedy
+    # continuation and token count must equal a plain generation of opening + branch
+    from lit_latent.generation import encode_prompts, generate_branches
+
+    openings = _prompts(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
+    branches = [_prompts(char_tokenizer, [" Right?", " Is the answer boxed?", "!"]), _prompts(char_tokenizer, [" ok?"])]
+    state = encode_prompts(tiny_model, openings, pad_id=0)
+    tokens, counts = generate_branches(tiny_model, state, branches, max_new_tokens=7, eos_ids=[1], pad_id=0)
+    assert [len(t) for t in tokens] == [3, 1]
+    for opening, row, got, got_counts in zip(openings, branches, tokens, counts):
+        for tail, toks, n in zip(row, got, got_counts):
+            alone = generate(tiny_model, [opening + tail], max_new_tokens=7, eos_ids=[1], pad_id=0)
+            assert toks == alone.tokens[0] and n == alone.new_tokens[0]
+            assert len(toks) == 7  # a random model runs to max_new_tokens: every decode step is compared
+
+
+def test_packed_branches_stop_each_branch_at_its_own_eos(tiny_model, char_tokenizer):
+    from lit_latent.generation import encode_prompts, generate_branches
+
+    openings = _prompts(char_tokenizer, ["stop here", "go"])
+    branches = [_prompts(char_tokenizer, [" a", " bb"]), _prompts(char_tokenizer, [" c"])]
+    state = encode_prompts(tiny_model, openings, pad_id=0)
+    probe, _ = generate_branches(tiny_model, state, branches, max_new_tokens=5, eos_ids=[1], pad_id=0)
+    eos = probe[0][0][2]  # branch (0, 0) ends at its third token; the others run on
+    tokens, counts = generate_branches(tiny_model, state, branches, max_new_tokens=5, eos_ids=[eos], pad_id=0)
+    for g, row in enumerate(branches):
+        for k, tail in enumerate(row):
+            alone = generate(tiny_model, [openings[g] + tail], max_new_tokens=5, eos_ids=[eos], pad_id=0)
+            assert tokens[g][k] == alone.tokens[0] and counts[g][k] == alone.new_tokens[0]
+    assert tokens[0][0] == probe[0][0][:2] and counts[0][0] == 3
