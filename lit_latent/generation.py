@@ -191,6 +191,12 @@ def new_cache(model, room: int):
     return cache
 
 
+def full_attention(cache) -> bool:
+    """Every layer of ``cache`` attends to all earlier positions (no sliding window), so a
+    custom attention mask built from the token mask alone is right for all of them."""
+    return cache is not None and all(isinstance(layer, ReservedLayer) for layer in cache.layers)
+
+
 @dataclass
 class PromptState:
     """The prompts' KV cache and last hidden state, computed once and reused by every
@@ -261,6 +267,7 @@ def generate(
     implementation's cost profile.
     """
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     backbone = model.base_model
     lm_head = model.get_output_embeddings()
     prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
@@ -343,7 +350,9 @@ def generate(
         all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
         if use_cache:
             pos = _positions(all_mask)[:, -1:]
-            out = backbone(input_ids=nxt[:, None], attention_mask=all_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            # the step's mask ready-made: transformers would rebuild it from the 2D mask at every step
+            step_mask = _additive(all_mask.bool()[:, None, None, :], dtype) if full_attention(cache) else all_mask
+            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
         else:
             all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
@@ -381,9 +390,10 @@ def generate_branches(
     Returns per row and branch the generated ids (EOS removed) and the tokens generated (EOS
     included), like ``generate``.
     """
+    if not full_attention(state.cache):
+        raise ValueError("packed branches need plain full attention in every layer (no sliding windows)")
     device = state.mask.device
     dtype = next(model.parameters()).dtype
-    blocked = torch.finfo(dtype).min
     B, S = state.mask.shape
     K = max(len(b) for b in branches)
     if any(len(t) == 0 for b in branches for t in b):
@@ -414,7 +424,7 @@ def generate_branches(
     sees = torch.cat([opening.expand(B, 1, T, S), (same & causal)[:, None]], dim=-1)
     cache = copy.copy(state.cache)
     cache.layers = [copy.copy(layer) for layer in state.cache.layers]  # write past the opening only
-    out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype, blocked),
+    out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype),
                            position_ids=opening_len[:, None] + offset, past_key_values=cache, use_cache=True)
     last = out.last_hidden_state.gather(1, ends[:, :, None].expand(B, K, out.last_hidden_state.shape[-1]))
     lm_head = model.get_output_embeddings()
@@ -440,7 +450,7 @@ def generate_branches(
         own_gen = (gen_branch[None, None, :] == k_index[None, :, None]) & gen_real[:, None, :]
         step_sees = torch.cat([opening[:, 0].expand(B, K, S), own_block, own_gen], dim=-1)[:, None]
         out = model.base_model(input_ids=torch.where(done, torch.full_like(nxt, pad_id), nxt),
-                               attention_mask=_additive(step_sees, dtype, blocked),
+                               attention_mask=_additive(step_sees, dtype),
                                position_ids=opening_len[:, None] + tail_len + step, past_key_values=out.past_key_values,
                                use_cache=True)
         last = out.last_hidden_state
@@ -448,6 +458,7 @@ def generate_branches(
     return tokens, [[int(counts[g, k]) for k in range(len(b))] for g, b in enumerate(branches)]
 
 
-def _additive(sees: Tensor, dtype, blocked: float) -> Tensor:
-    """A boolean "may attend" mask as the additive float mask every attention kernel takes."""
-    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, blocked)
+def _additive(sees: Tensor, dtype) -> Tensor:
+    """A boolean "may attend" mask as the additive float mask every attention kernel takes
+    (transformers passes a 4D mask through unchanged)."""
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)

@@ -33,6 +33,7 @@ from lit_latent.generation import (
     encode_prompts,
     eos_token_ids,
     extend_prompts,
+    full_attention,
     generate,
     generate_branches,
     new_cache,
@@ -199,13 +200,22 @@ class LatentAdaptationModule(L.LightningModule):
                 chunks.append([])
             chunks[-1].append(group)
         for chunk in chunks:
-            state = self.encode_openings([ids[members[0]][:cut] for cut, members in chunk])
-            endings = [[ids[i][cut:] for i in members] for cut, members in chunk]
-            tokens, new_tokens = generate_branches(self.model, state, endings, max_new_tokens=max_new_tokens,
-                                                   eos_ids=self.eos_ids, pad_id=self.pad_id)
-            for (_, members), group_tokens, group_counts in zip(chunk, tokens, new_tokens):
-                for i, t, n in zip(members, group_tokens, group_counts):
-                    texts[i], counts[i] = self.decode([t])[0], n
+            heads = [ids[members[0]][:cut] for cut, members in chunk]
+            state = self.encode_openings(heads)
+            if full_attention(state.cache):
+                endings = [[ids[i][cut:] for i in members] for cut, members in chunk]
+                tokens, new_tokens = generate_branches(self.model, state, endings, max_new_tokens=max_new_tokens,
+                                                       eos_ids=self.eos_ids, pad_id=self.pad_id)
+                for (_, members), group_tokens, group_counts in zip(chunk, tokens, new_tokens):
+                    for i, t, n in zip(members, group_tokens, group_counts):
+                        texts[i], counts[i] = self.decode([t])[0], n
+                continue
+            # sliding-window layers need transformers' own masks: one row per message, the opening's cache repeated
+            rows = [(g, i, ids[i][cut:]) for g, (cut, members) in enumerate(chunk) for i in members]
+            out = self.generate([heads[g] for g, _, _ in rows], prefixes=[tail for _, _, tail in rows],
+                                max_new_tokens=max_new_tokens, prompt_state=state.select([g for g, _, _ in rows]))
+            for k, (_, i, tail) in enumerate(rows):
+                texts[i], counts[i] = self.decode([out.tokens[k][len(tail):]])[0], out.new_tokens[k]
         return texts, counts
 
     def encode_openings(self, heads: list[list[int]]) -> PromptState:
@@ -237,7 +247,7 @@ class LatentAdaptationModule(L.LightningModule):
             # every row has at least one token left to encode, so its last state comes from there
             known = PromptState(cache, mask, torch.empty(0, device=self.device))
             state, _ = extend_prompts(self.model, known, [h[n:] for h, (n, _) in zip(heads, found)], self.pad_id)
-        if all(isinstance(layer, ReservedLayer) for layer in state.cache.layers):  # plain full attention
+        if full_attention(state.cache):
             for g, head in enumerate(heads):
                 real = state.mask[g].nonzero().squeeze(1)
                 kv = [(layer.keys[g : g + 1, :, real], layer.values[g : g + 1, :, real]) for layer in state.cache.layers]

@@ -81,6 +81,27 @@ def test_shared_prefill_of_verification_prompts_gives_the_same_answers(tiny_mode
     assert fast[0][0] == fast[0][-1] and all(n > 0 for n in fast[1])
 
 
+def test_sliding_window_models_keep_transformers_masks_and_give_the_same_answers(char_tokenizer):
+    # a layer with an 8-token window: packed checks (one custom mask for all layers) would let
+    # it see too far, so such models take the one-row-per-message path; both must equal the reference
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lit_latent.generation import full_attention, new_cache
+    from lit_latent.prompts import holistic_check_prompt
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1, pad_token_id=0, eos_token_id=1, bos_token_id=None)).eval().requires_grad_(False)
+    assert not full_attention(new_cache(model, room=8))
+    messages = [holistic_check_prompt(c, "Tom has 12 apples.", "12 + 3 = 15") for c in ("calculation", "answer", "format")]
+    cfg = make_cfg()
+    fast = LatentAdaptationModule(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    cfg.perf.reference_mode = True
+    assert fast == LatentAdaptationModule(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+
+
 def test_continuous_batching_gives_the_same_records_as_the_whole_batch(tiny_model, char_tokenizer):
     for samples in (1, 2):
         cfg = make_cfg(max_latents=4, lr=0.05, samples=samples)
