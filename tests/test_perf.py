@@ -1,6 +1,7 @@
 """The fast path against the reference cost profile, and the active set of a batch."""
 
 import lightning as L
+import pytest
 import torch
 
 from custom_rewards import PassAfterReward
@@ -155,3 +156,29 @@ def test_a_later_candidate_continues_from_the_cached_opening_of_an_earlier_one(t
     cfg.perf.reference_mode = True
     slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
     assert got == [slow.complete(first, max_new_tokens=6), slow.complete(later, max_new_tokens=6)]
+
+
+def test_bf16_autocast_switch_runs_latentseek_with_self_reward_and_keeps_weights(char_tokenizer):
+    # the GPU switch, exercised on CPU (autocast supports bf16 there): generation, the packed
+    # verification masks and the latents' float32 loss all run under it
+    from callbacks.rewards import SelfReward
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama", len(char_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = make_cfg(max_latents=4, lr=0.05)
+    cfg.perf.autocast = True
+    records = predict(model, char_tokenizer, cfg, SelfReward(), batch_size=3)
+    assert len(records) == len(PROBLEMS) and all(0 <= c["reward"] <= 1 for r in records for c in r["candidates"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_same_records(char_tokenizer):
+    from conftest import make_tiny_model
+
+    cfg = make_cfg(max_latents=4, lr=0.05)
+    eager = predict(make_tiny_model("llama", len(char_tokenizer)), char_tokenizer, cfg, PassAfterReward(3), batch_size=3)
+    cfg.perf.compile = True  # ~1.5 min of compiling on a 2-core CPU
+    compiled = predict(make_tiny_model("llama", len(char_tokenizer)), char_tokenizer, cfg, PassAfterReward(3), batch_size=3)
+    assert [r["final_answer"] for r in compiled] == [r["final_answer"] for r in eager]
