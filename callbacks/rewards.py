@@ -45,6 +45,11 @@ class RewardCallback(Callback):
     problems (dicts with id, problem, answer, choices) and one completion text per problem."""
 
     uses_labels: bool = False
+    deterministic: bool = False
+    """The same problem and completion always get the same reward. LatentSeek's fast path then
+    reuses a candidate's text and reward when updated latents decode to a prefix the problem
+    has already tried (the greedy continuation would be the same), instead of regenerating and
+    re-scoring it. A reward that samples must leave this False."""
 
     def score(self, module, problems: Sequence[dict], completions: Sequence[str]) -> Scores:
         raise NotImplementedError
@@ -62,6 +67,7 @@ class VerifierReward(RewardCallback):
     """1 if the extracted answer equals the gold answer, else 0. Uses labels."""
 
     uses_labels = True
+    deterministic = True
 
     def score(self, module, problems, completions):
         return Scores([verifier_reward(p, c) for p, c in zip(problems, completions)], [0] * len(problems))
@@ -118,6 +124,8 @@ class SelfReward(RewardCallback):
     """The frozen model grades its own answer with the verification prompts of ``scheme``;
     all prompts of all candidates run as one batched greedy generation."""
 
+    deterministic = True  # greedy verdicts
+
     def __init__(self, scheme: str = "latentseek", weights: Optional[dict[str, float]] = None, verdict_tokens: int = 4):
         self.scheme = scheme
         self.weights = dict(SCHEME_WEIGHTS[scheme])
@@ -172,6 +180,8 @@ def majority_answer(answers: Sequence[Optional[str]], choices: int = 0) -> Optio
 class MajorityReward(RewardCallback):
     """1 if the candidate's answer agrees with the majority of N sampled answers, else 0.
     The samples are drawn once per problem and cached for its later candidates."""
+
+    deterministic = True  # against the problem's one vote
 
     def __init__(self, samples: int = 8):
         self.samples = samples

@@ -399,6 +399,11 @@ class LatentAdaptationModule(L.LightningModule):
         samplers = [self.generator(p["id"], "latent") for p in problems]
         optimizer: Optional[torch.optim.Optimizer] = None
         pending, active = list(range(n)), []
+        # per problem, prefix tried -> (text, reward): with greedy continuations and a
+        # deterministic reward, a prefix met again gives the same candidate, so it is reused
+        # (the reference regenerates it; answers and rewards are the same either way)
+        tried: list[dict[tuple[int, ...], tuple[str, float]]] = [{} for _ in range(n)]
+        reuse = reward.deterministic and not self.cfg.perf.reference_mode
         while pending or active:
             # 1. newcomers: greedy chain of thought with its latents, and its reward
             new, pending = pending[: width - len(active)], pending[width - len(active) :]
@@ -413,6 +418,8 @@ class LatentAdaptationModule(L.LightningModule):
                     count = latent_count(len(first.tokens[k]), cfg.rho, cfg.max_latents)
                     latents[i] = first.hidden[k][:count].detach().clone().float().requires_grad_(True)
                     original[i] = first.tokens[k][:count]
+                    if first.finished[k]:  # else a continuation of its prefix gets max_new_tokens more
+                        tried[i][tuple(original[i])] = (texts[k], scores.rewards[k])
                     if count == 0 or current[i] >= cfg.stop_threshold:
                         continue
                     # one Adam over all problems: a finished problem's grad stays None, so Adam skips it
@@ -432,16 +439,22 @@ class LatentAdaptationModule(L.LightningModule):
                     tokens = torch.tensor(decode_latents(head, latents[i]), device=self.device)
                     losses[i] = policy_loss(token_log_probs(head, latents[i], tokens).sum(), current[i] - 1.0)
                 active = self.optimizer_step(optimizer, latents, losses, records)
-                if active:
-                    prefixes = [self.prefix(decode_latents(head, latents[i]), original[i]) for i in active]
-                    out = self.generate([prompts[i] for i in active], prefixes=prefixes, prompt_state=state and state.select(active))
+                prefixes = {i: tuple(self.prefix(decode_latents(head, latents[i]), original[i])) for i in active}
+                fresh = [i for i in active if not (reuse and prefixes[i] in tried[i])]
+                if fresh:
+                    out = self.generate([prompts[i] for i in fresh], prefixes=[list(prefixes[i]) for i in fresh],
+                                        prompt_state=state and state.select(fresh))
                     texts = self.decode(out.tokens)
-                    scores = reward.score(self, [problems[i] for i in active], texts)
-                    for k, i in enumerate(active):
+                    scores = reward.score(self, [problems[i] for i in fresh], texts)
+                    for k, i in enumerate(fresh):
                         if self.numerical_error(records[i], "reward", scores.rewards[k]):
                             continue  # the problem keeps its last good candidate
                         current[i] = scores.rewards[k]
+                        tried[i][prefixes[i]] = (texts[k], scores.rewards[k])
                         self.add_candidate(records[i], problems[i], texts[k], out.new_tokens[k], scores, k, latents[i])
+                for i in set(active) - set(fresh):  # nothing generated, nothing scored
+                    text, current[i] = tried[i][prefixes[i]]
+                    self.add_candidate(records[i], problems[i], text, 0, Scores([current[i]], [0]), 0, latents[i])
             else:
                 # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
                 m = cfg.samples

@@ -182,3 +182,28 @@ def test_compiled_forward_gives_the_same_records(char_tokenizer):
     cfg.perf.compile = True  # ~1.5 min of compiling on a 2-core CPU
     compiled = predict(make_tiny_model("llama", len(char_tokenizer)), char_tokenizer, cfg, PassAfterReward(3), batch_size=3)
     assert [r["final_answer"] for r in compiled] == [r["final_answer"] for r in eager]
+
+
+def test_a_prefix_tried_before_is_not_regenerated_and_answers_match_the_reference(char_tokenizer, monkeypatch):
+    # a learning rate too small to flip a token: every update decodes the original prefix again,
+    # so with a deterministic reward the fast path generates it once (the random model's first
+    # answer ran to max_new_tokens, so its continuation is longer: not the same candidate)
+    from callbacks.rewards import VerifierReward
+    from conftest import make_tiny_model
+    from lit_latent import module as module_py
+
+    model = make_tiny_model("llama", len(char_tokenizer))
+    cfg = make_cfg(max_latents=4, lr=1e-6, max_iterations=3)
+    calls = []
+    real = module_py.LatentAdaptationModule.generate
+    monkeypatch.setattr(module_py.LatentAdaptationModule, "generate",
+                        lambda self, prompts, **kw: calls.append(kw.get("prefixes") is not None) or real(self, prompts, **kw))
+    fast = predict(model, char_tokenizer, cfg, VerifierReward(), batch_size=3)
+    assert calls == [False, True]  # the first answers, then the prefix's continuation once
+    assert all(r["iterations"] == 3 and [c["tokens"] == 0 for c in r["candidates"]] == [False, True, True] for r in fast)
+    cfg.perf.reference_mode = True
+    slow = predict(model, char_tokenizer, cfg, VerifierReward(), batch_size=1)
+    assert len(calls) == 2 + len(PROBLEMS) * (1 + 3)  # the reference regenerates every candidate
+    drop = lambda r: {k: v for k, v in r.items() if k != "tokens"} | {"candidates": [{k: v for k, v in c.items() if k != "tokens"} for c in r["candidates"]]}
+    assert [drop(r) for r in fast] == [drop(r) for r in slow]
+    assert all(s["tokens"] > f["tokens"] for f, s in zip(fast, slow))
