@@ -219,7 +219,7 @@ def model_config(tok, **shape) -> dict:
 
 def fit(tok, out_ckpts: Optional[Path], exclude, minutes: Optional[float] = None, max_steps: int = -1,
         seed: int = 0, shape: Optional[dict] = None, max_tokens: int = 8192, lr: float = 1e-3,
-        ckpt_minutes: float = 3.0, log_every: int = 25, init: Optional[Path] = None) -> EmbeddedLM:
+        ckpt_minutes: float = 3.0, log_every: int = 25, init: Optional[Path] = None, mix: Optional[dict] = None) -> EmbeddedLM:
     L.seed_everything(seed, verbose=False)
     module = EmbeddedLM(model_config(tok, **(shape or {})), lr=lr, minutes=minutes,
                         total_steps=max_steps if max_steps > 0 else None)
@@ -227,7 +227,7 @@ def fit(tok, out_ckpts: Optional[Path], exclude, minutes: Optional[float] = None
         from transformers import AutoModelForCausalLM
 
         module.model.load_state_dict(AutoModelForCausalLM.from_pretrained(init).state_dict())
-    data = DataLoader(ExampleStream(tok, seed, exclude, max_tokens=max_tokens), batch_size=None)
+    data = DataLoader(ExampleStream(tok, seed, exclude, max_tokens=max_tokens, mix=mix or MIX), batch_size=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
                         max_time=timedelta(minutes=minutes) if minutes else None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -265,6 +265,20 @@ def select(ckpt_dir: Path, tok, band: tuple[float, float], n_val: int = 150) -> 
     return min(table, key=lambda t: abs(t[1] - mid))[0], table
 
 
+def parse_mix(items: list[str], ap: argparse.ArgumentParser) -> dict:
+    """``["cot=0.3", "step=0.4", ...]`` -> shares; every task of ``MIX`` must be given."""
+    mix = {}
+    for item in items:
+        task, _, share = item.partition("=")
+        try:
+            mix[task] = float(share)
+        except ValueError:
+            ap.error(f"--mix: {item!r} is not TASK=SHARE")
+    if set(mix) != set(MIX) or any(v < 0 for v in mix.values()) or not sum(mix.values()):
+        ap.error(f"--mix: give a non-negative share for each of {', '.join(MIX)}, got {' '.join(items)}")
+    return mix
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=36.0, help="wall-clock length of fit (cosine lr over it)")
@@ -278,7 +292,11 @@ def main(argv=None):
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights (an HF checkpoint)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer instead of building one")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--mix", nargs="+", metavar="TASK=SHARE", default=None,
+                    help=f"task shares of the examples (default {' '.join(f'{k}={v}' for k, v in MIX.items())})")
     args = ap.parse_args(argv)
+    mix = parse_mix(args.mix, ap) if args.mix else None
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
@@ -301,7 +319,7 @@ def main(argv=None):
     ckpts.mkdir(parents=True)
     tok.save_pretrained(args.work / "tokenizer")
     fit(tok, ckpts, exclude, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
-        ckpt_minutes=args.ckpt_minutes, init=args.init)
+        ckpt_minutes=args.ckpt_minutes, init=args.init, lr=args.lr, mix=mix)
     print(f"fit done after {(time.time() - t0) / 60:.1f} min", flush=True)
 
     from transformers import AutoModelForCausalLM
