@@ -142,3 +142,21 @@ def test_training_smoke(tmp_path, shipped):
     assert module.global_step == 3
     assert (tmp_path / "ckpts" / "step_00003_final" / "model.safetensors").is_file()
     assert torch.isfinite(torch.tensor(module.stats["loss"]))
+
+
+def test_mix_option_sets_the_task_shares_or_fails_in_one_line(capsys):
+    import argparse
+
+    from lit_latent.embedded.train import MIX, ExampleStream, parse_mix
+
+    ap = argparse.ArgumentParser(prog="train.py")
+    mix = parse_mix(["cot=0.3", "step=0.4", "final=0.15", "operand=0.05", "holistic=0.1"], ap)
+    assert mix == {"cot": 0.3, "step": 0.4, "final": 0.15, "operand": 0.05, "holistic": 0.1} and set(mix) == set(MIX)
+    # the stream draws tasks by those shares: only steps when all weight is on them
+    only_steps = dict.fromkeys(MIX, 0.0) | {"step": 1.0}
+    stream = ExampleStream(None, seed=0, mix=only_steps).examples()
+    assert {next(stream)[0] for _ in range(20)} == {"step"}
+    for bad in (["cot=1"], ["cot=x", "step=1", "final=0", "operand=0", "holistic=0"]):
+        with pytest.raises(SystemExit):
+            parse_mix(bad, ap)
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train.py: error: --mix:")
