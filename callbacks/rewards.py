@@ -25,6 +25,7 @@ from lit_latent.prompts import (
     calculation_lines,
     final_check_prompt,
     holistic_check_prompt,
+    is_answer_line,
     parse_verdict,
     step_check_prompt,
 )
@@ -108,7 +109,7 @@ def unverifiable_lines(solution: str) -> int:
     ``31 ×  = 9``), so each counts as a failed calculation check instead of being skipped."""
     calc = set(calculation_lines(solution))
     return sum(1 for ln in solution.splitlines()
-               if ln.strip() and ln.strip() not in calc and "\\boxed" not in ln and "answer is" not in ln.lower())
+               if ln.strip() and ln.strip() not in calc and not is_answer_line(ln))
 
 
 def combine_verdicts(verdicts: dict[str, list[Optional[bool]]], weights: dict[str, float]) -> float:

@@ -82,6 +82,12 @@ def operand_check_prompt(problem: str, line: str) -> str:
 _CALC_LINE = re.compile(r"^\s*-?\d[\d,]*(?:\.\d+)?\s*[-+*/×÷]\s*-?\d[\d,]*(?:\.\d+)?\s*=\s*-?[\d,.]+\s*$")
 
 
+def is_answer_line(line: str) -> bool:
+    """The closing sentence of a solution ("The answer is \\boxed{N}."), not a step: the
+    calculation checks leave it out, in training labels and in the self-reward alike."""
+    return "\\boxed" in line or "answer is" in line.lower()
+
+
 def calculation_lines(solution: str) -> list[str]:
     """The lines of a solution that are a single calculation ``a op b = c``."""
     return [ln.strip() for ln in solution.splitlines() if _CALC_LINE.match(ln)]

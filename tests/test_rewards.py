@@ -11,6 +11,7 @@ from callbacks.rewards import (
     check_prompts,
     combine_verdicts,
     make_reward,
+    unverifiable_lines,
 )
 from lit_latent.config import RewardConfig, UserError
 from lit_latent.prompts import parse_verdict
@@ -116,3 +117,17 @@ def test_steps_scheme_fails_lines_it_cannot_ask_about():
     clean = SelfReward("steps").score(module, [{"id": "p", "problem": "a problem", "answer": "25"}],
                                       ["9 + 16 = 25\nThe answer is \\boxed{25}."])
     assert clean.rewards[0] == 1.0
+
+
+def test_self_reward_and_training_labels_agree_on_what_the_answer_line_is():
+    # one rule (prompts.is_answer_line) for both: the closing sentence is never a failed step
+    from lit_latent.embedded.checks import holistic_label
+    from lit_latent.prompts import is_answer_line
+
+    problem = {"id": "p", "problem": "Tom has 9 apples and gets 16 more.", "answer": "25", "steps": 1}
+    for closing in ("The answer is \\boxed{25}.", "So the Answer is 25.", "\\boxed{25}"):
+        solution = f"9 + 16 = 25\n{closing}"
+        assert is_answer_line(closing)
+        assert unverifiable_lines(solution) == 0
+        assert holistic_label("calculation", problem, solution) is True
+    assert not is_answer_line("9 + 16 = 25") and unverifiable_lines("9 + 16 = 25\nso 25 apples") == 1

@@ -54,6 +54,7 @@ from lit_latent.prompts import (
     calculation_lines,
     final_check_prompt,
     holistic_check_prompt,
+    is_answer_line,
     operand_check_prompt,
     step_check_prompt,
 )
@@ -116,8 +117,7 @@ def holistic_label(check: str, problem: dict, solution: str) -> bool:
     boxed = boxed_values(solution)
     lines = parsed_lines(solution)
     if check == "calculation":
-        body = [ln for ln in solution.splitlines()
-                if ln.strip() and "answer is" not in ln and "\\boxed" not in ln]
+        body = [ln for ln in solution.splitlines() if ln.strip() and not is_answer_line(ln)]
         return bool(lines) and all(line_true(ln) for ln in body)
     if check == "answer":
         return bool(boxed) and boxed[-1] == str(problem["answer"])
