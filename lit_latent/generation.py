@@ -399,8 +399,7 @@ def generate_branches(
     if any(len(t) == 0 for b in branches for t in b):
         raise ValueError("every branch needs at least one token of its own")
     opening_len = state.mask.sum(1)  # [B]: positions continue from each row's own opening
-    widths = [sum(len(t) for t in b) for b in branches]
-    T = max(widths)
+    T = max(sum(len(t) for t in b) for b in branches)  # the packed block's width
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     branch_of = torch.full((B, T), -1, dtype=torch.long, device=device)
     offset = torch.zeros((B, T), dtype=torch.long, device=device)
