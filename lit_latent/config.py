@@ -242,7 +242,7 @@ class PerfConfig:
     reference_mode: bool = False
     """The reference implementation's cost profile: batch 1, no KV cache, one verification at a time."""
     chunk: int = 64
-    """Rows per batched generation of verification prompts and samples."""
+    """Verification prompts, or samples, per batched generation (bounds memory)."""
     max_active: int = 0
     """LatentSeek: problems adapting at once; when one stops, the next problem of the loader's
     batch (data.batch_size) takes its slot. 0: the whole batch at once."""
