@@ -36,12 +36,14 @@ _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def load(model_dir=MODEL_DIR):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model and its tokenizer; a directory that lacks either is a one-line ``UserError``."""
+    from lit_latent.config import ModelConfig, UserError
+    from lit_latent.generation import load_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
-    return model, tok
+    try:
+        return load_model(ModelConfig(path=str(model_dir)))
+    except UserError as e:  # this command's option, not adapt.py's config key
+        raise UserError(str(e).replace("config key model.path", "--model")) from None
 
 
 def read_problems(path=HELDOUT_PATH, n: Optional[int] = None) -> list[dict]:
@@ -179,4 +181,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lit_latent.runs import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:]))
