@@ -430,6 +430,7 @@ class LatentAdaptationModule(L.LightningModule):
                     active.append(i)
             if not active:
                 continue
+            stepped = list(active)
             for i in active:
                 steps[i] += 1
             if cfg.samples == 1:
@@ -476,8 +477,13 @@ class LatentAdaptationModule(L.LightningModule):
                 active = self.optimizer_step(optimizer, latents, losses, records)
                 for i in active:  # what the updated latents now decode to
                     self.note_latents(records[i]["candidates"][-1], latents[i])
-            # 6. a problem stops once its reward passes the threshold, or after K iterations
+            # 6. a problem stops once its reward passes the threshold, or after K iterations;
+            # its latents and Adam state leave the optimizer (slots are refilled from `pending`)
             active = [i for i in active if current[i] < cfg.stop_threshold and steps[i] < cfg.max_iterations]
+            stopped = [latents[i] for i in stepped if i not in active]
+            for z in stopped:
+                optimizer.state.pop(z, None)
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if not any(g["params"][0] is z for z in stopped)]
         if cfg.answer == "best":
             for rec in records:
                 self.choose_best_candidate(rec)

@@ -37,22 +37,28 @@ class StopFirst(PassAfterReward):
 
 
 def test_a_finished_problem_leaves_the_active_set(tiny_model, char_tokenizer, monkeypatch):
-    snapshots = []
+    steps = []  # per optimizer step: (the latents it holds, those with Adam state), as copies
     real_adam = torch.optim.Adam
 
     class SpyAdam(real_adam):
         def step(self, closure=None):
             result = super().step(closure)
-            snapshots.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            held = [p for g in self.param_groups for p in g["params"]]
+            steps.append((held, [p.detach().clone() for p in held], len(self.state)))
             return result
 
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     recs = predict(tiny_model, char_tokenizer, make_cfg(max_latents=3, max_iterations=4), StopFirst(0), batch_size=3)
     assert [r["iterations"] for r in recs] == [1, 4, 4]
-    assert len(snapshots) == 4
-    # p0's latents (param 0) never move after its first step; the others keep moving
-    assert all(torch.equal(s[0], snapshots[0][0]) for s in snapshots[1:])
-    assert not torch.equal(snapshots[1][1], snapshots[3][1])
+    assert len(steps) == 4
+    p0 = steps[0][0][0]  # p0's latents: stepped once, then it passed
+    first_value = steps[0][1][0]
+    assert [len(held) for held, _, _ in steps] == [3, 2, 2, 2] and [n for _, _, n in steps] == [3, 2, 2, 2]
+    # after it stops, the optimizer holds neither p0's latents nor its state, and they never move again
+    assert all(not any(p is p0 for p in held) for held, _, _ in steps[1:])
+    assert torch.equal(p0.detach(), first_value)
+    # the others keep moving
+    assert not torch.equal(steps[1][1][0], steps[3][1][0])
 
 
 def test_shared_openings_groups_rows_by_their_common_start():
