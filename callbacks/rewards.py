@@ -26,7 +26,9 @@ from lit_latent.prompts import (
     final_check_prompt,
     holistic_check_prompt,
     is_answer_line,
+    parse_recomputed,
     parse_verdict,
+    recompute_question,
     step_check_prompt,
 )
 
@@ -82,32 +84,48 @@ SCHEME_WEIGHTS = {
     "latentseek": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
     "latentevolve": {"answer": 1.0, "understood": 1.0, "calculation": 1.0, "format": 2.0, "clarity": 2.0},
     "steps": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "recompute": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
 }
+# schemes whose calculation check asks about each line, and fail lines it cannot ask about
+LINE_SCHEMES = ("steps", "recompute")
+# a recomputation of up to four columns (nine tokens each, see prompts.recompute_answer) and eos
+RECOMPUTE_TOKENS = 40
 
 
-def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[str]) -> list[tuple[str, str]]:
-    """(criterion, user message) pairs that judge one solution.
+def check_prompts(scheme: str, problem: str, solution: str,
+                  criteria: Sequence[str]) -> list[tuple[str, str, Optional[tuple[str, int]]]]:
+    """(criterion, user message, expected) triples that judge one solution. ``expected`` is
+    None for a yes/no question; for a recompute question it is the operation asked and the
+    value the line claims: the check passes when the model's recomputation gives it back.
 
-    The ``steps`` scheme asks the calculation check once per calculation line and the
-    answer check as "does the boxed answer equal the last line's result" — what a small
-    model can judge; a solution with no calculation line fails its calculation check.
+    The ``steps`` scheme asks the calculation check once per calculation line ("is this line
+    right?") and the answer check as "does the boxed answer equal the last line's result" —
+    what a small model can judge. The ``recompute`` scheme asks the model to redo each line
+    instead, column by column (``prompts.recompute_question``), and compares in code. In both
+    a solution with no calculation line fails its calculation check.
     """
-    pairs = []
+    triples = []
     for crit in criteria:
         if scheme == "steps" and crit == "calculation":
-            pairs += [(crit, step_check_prompt(line)) for line in calculation_lines(solution)]
-        elif scheme == "steps" and crit == "answer":
-            pairs.append((crit, final_check_prompt(solution)))
+            triples += [(crit, step_check_prompt(line), None) for line in calculation_lines(solution)]
+        elif scheme == "recompute" and crit == "calculation":
+            questions = [recompute_question(line) for line in calculation_lines(solution)]
+            triples += [(crit, msg, (op, claimed)) for msg, op, claimed in filter(None, questions)]
+        elif scheme in LINE_SCHEMES and crit == "answer":
+            triples.append((crit, final_check_prompt(solution), None))
         else:
-            pairs.append((crit, holistic_check_prompt(crit, problem, solution)))
-    return pairs
+            triples.append((crit, holistic_check_prompt(crit, problem, solution), None))
+    return triples
 
 
-def unverifiable_lines(solution: str) -> int:
-    """For the ``steps`` scheme: lines that are neither one calculation ``a op b = c`` nor the
-    closing answer sentence. No single-line question fits them (a latent edit often leaves
-    ``31 ×  = 9``), so each counts as a failed calculation check instead of being skipped."""
+def unverifiable_lines(solution: str, scheme: str = "steps") -> int:
+    """For the line-by-line schemes: lines that are neither one calculation ``a op b = c`` nor the
+    closing answer sentence (for ``recompute``: one whole-number calculation). No single-line
+    question fits them (a latent edit often leaves ``31 ×  = 9``), so each counts as a failed
+    calculation check instead of being skipped."""
     calc = set(calculation_lines(solution))
+    if scheme == "recompute":
+        calc = {ln for ln in calc if recompute_question(ln) is not None}
     return sum(1 for ln in solution.splitlines()
                if ln.strip() and ln.strip() not in calc and not is_answer_line(ln))
 
@@ -137,21 +155,24 @@ class SelfReward(RewardCallback):
         self.verdict_tokens = verdict_tokens
 
     def score(self, module, problems, completions):
-        owners, crits, messages = [], [], []
+        owners, crits, messages, expected = [], [], [], []
         for i, (p, c) in enumerate(zip(problems, completions)):
-            for crit, msg in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
+            for crit, msg, value in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
                 owners.append(i)
                 crits.append(crit)
                 messages.append(msg)
-        texts, new_tokens = module.complete(messages, max_new_tokens=self.verdict_tokens)
+                expected.append(value)
+        budget = max(self.verdict_tokens, RECOMPUTE_TOKENS) if self.scheme == "recompute" else self.verdict_tokens
+        texts, new_tokens = module.complete(messages, max_new_tokens=budget)
         verdicts: list[dict[str, list[Optional[bool]]]] = [{} for _ in problems]
         tokens = [0] * len(problems)
-        for i, crit, text, n in zip(owners, crits, texts, new_tokens):
-            verdicts[i].setdefault(crit, []).append(parse_verdict(text))
+        for i, crit, text, value, n in zip(owners, crits, texts, expected, new_tokens):
+            verdict = parse_verdict(text) if value is None else parse_recomputed(text, value[0]) == value[1]
+            verdicts[i].setdefault(crit, []).append(verdict)
             tokens[i] += n
-        if self.scheme == "steps" and "calculation" in self.weights:
+        if self.scheme in LINE_SCHEMES and "calculation" in self.weights:
             for i, c in enumerate(completions):
-                verdicts[i].setdefault("calculation", []).extend([False] * unverifiable_lines(c))
+                verdicts[i].setdefault("calculation", []).extend([False] * unverifiable_lines(c, self.scheme))
         rewards = [combine_verdicts(v, self.weights) for v in verdicts]
         details = [{c: [None if x is None else int(x) for x in vs] for c, vs in v.items()} for v in verdicts]
         return Scores(rewards, tokens, details)

@@ -32,7 +32,7 @@ class UserError(Exception):
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n")
 REWARD_KINDS = ("self", "verifier", "majority", "custom")
-SCHEMES = ("latentseek", "latentevolve", "steps")
+SCHEMES = ("latentseek", "latentevolve", "steps", "recompute")
 
 
 def _positive(name: str, value: Union[int, float, None], allow_zero: bool = False) -> None:

@@ -79,6 +79,98 @@ def operand_check_prompt(problem: str, line: str) -> str:
     )
 
 
+# Recompute check: the model redoes one line's calculation column by column, last digits
+# first, writing for each column its two digits, the result digit and the carry. Solutions
+# write digits first-to-last, which is where this model errs (a carry lost in the tens); here
+# each result digit needs only the column just written and the carry before it, a different
+# route to the number, so its errors rarely coincide with the line's. The prompt only lays out
+# the line's own digits in columns (no arithmetic); the model does the sums, and the number it
+# wrote is compared with the line's result in code.
+
+_RECOMPUTE_LINE = re.compile(r"^\s*(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+
+
+def columns(x: int, op: str, y: int) -> list[tuple[str, str]]:
+    """Digit pairs of ``x`` and ``y`` from the last digit up, the shorter padded with 0; for a
+    product, the one-digit ``y`` is paired with every digit of ``x``."""
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    if op == "×":
+        return [(d, ys) for d in xs]
+    width = max(len(xs), len(ys))
+    return list(zip(xs.ljust(width, "0"), ys.ljust(width, "0")))
+
+
+def recompute_prompt(x: int, op: str, y: int) -> str:
+    pairs = ", ".join(f"{a} {b}" for a, b in columns(x, op, y))
+    return f"Work out {x} {op} {y} column by column, last digits first: {pairs}."
+
+
+def recompute_answer(x: int, op: str, y: int) -> str:
+    """What the model is trained to write for ``recompute_prompt(x, op, y)``: per column its two
+    digits, the result digit and the carry (the borrow, for a difference), e.g. ``96 + 8`` ->
+    ``6 8 4 1, 9 0 0 1``."""
+    groups, carry = [], 0
+    for a, b in columns(x, op, y):
+        a, b = int(a), int(b)
+        if op == "+":
+            total = a + b + carry
+            digit, carry = total % 10, total // 10
+        elif op == "-":
+            total = a - b - carry
+            digit, carry = total % 10, int(total < 0)
+        else:
+            total = a * b + carry
+            digit, carry = total % 10, total // 10
+        groups.append(f"{a} {b} {digit} {carry}")
+    return ", ".join(groups)
+
+
+_COLUMN = re.compile(r"(\d) (\d) (\d) (\d)")
+
+
+def parse_recomputed(generated: str, op: str) -> Optional[int]:
+    """The number the model worked out in ``generated`` (an answer in ``recompute_answer``'s
+    form): its result digits, last first, then the final carry of a sum or product. None when
+    the text is not in that form, or a difference ends with a borrow (a negative result)."""
+    groups = generated.strip().split(", ")
+    found = [_COLUMN.fullmatch(g) for g in groups]
+    if not groups or not all(found):
+        return None
+    digits = "".join(m.group(3) for m in found)[::-1]
+    carry = found[-1].group(4)
+    if op == "-":
+        return None if carry != "0" else int(digits)
+    return int(carry + digits)
+
+
+def recompute_operands(line: str) -> Optional[tuple[int, str, int, int]]:
+    """``(x, op, y, claimed)`` for the recompute check of one calculation line ``a op b = c``:
+    ``a op b`` against ``c``, a product with its one-digit factor second, and a division
+    ``a ÷ b = c`` as the product ``b × c`` against ``a`` (whole-number division is right exactly
+    when that product gives back ``a``). None for a line that is not one whole-number
+    calculation, or a product of two numbers of several digits (no column layout fits it)."""
+    m = _RECOMPUTE_LINE.match(line)
+    if m is None:
+        return None
+    a, op, b, c = int(m.group(1)), {"*": "×", "/": "÷"}.get(m.group(2), m.group(2)), int(m.group(3)), int(m.group(4))
+    if op in "+-":
+        return a, op, b, c
+    x, y, claimed = (a, b, c) if op == "×" else (b, c, a)
+    if y >= 10:
+        x, y = y, x
+    return (x, "×", y, claimed) if y < 10 else None
+
+
+def recompute_question(line: str) -> Optional[tuple[str, str, int]]:
+    """(user message, operation asked, the value the line claims) for the recompute check of
+    one line, or None when no column layout fits it."""
+    found = recompute_operands(line)
+    if found is None:
+        return None
+    x, op, y, claimed = found
+    return recompute_prompt(x, op, y), op, claimed
+
+
 _CALC_LINE = re.compile(r"^\s*-?\d[\d,]*(?:\.\d+)?\s*[-+*/×÷]\s*-?\d[\d,]*(?:\.\d+)?\s*=\s*-?[\d,.]+\s*$")
 
 

@@ -151,12 +151,46 @@ def test_mix_option_sets_the_task_shares_or_fails_in_one_line(capsys):
 
     ap = argparse.ArgumentParser(prog="train.py")
     mix = parse_mix(["cot=0.3", "step=0.4", "final=0.15", "operand=0.05", "holistic=0.1"], ap)
-    assert mix == {"cot": 0.3, "step": 0.4, "final": 0.15, "operand": 0.05, "holistic": 0.1} and set(mix) == set(MIX)
+    assert mix == {"cot": 0.3, "step": 0.4, "final": 0.15, "operand": 0.05, "holistic": 0.1, "recompute": 0.0}
+    assert set(mix) == set(MIX)
     # the stream draws tasks by those shares: only steps when all weight is on them
-    only_steps = dict.fromkeys(MIX, 0.0) | {"step": 1.0}
-    stream = ExampleStream(None, seed=0, mix=only_steps).examples()
+    stream = ExampleStream(None, seed=0, mix=parse_mix(["step=1"], ap)).examples()
     assert {next(stream)[0] for _ in range(20)} == {"step"}
-    for bad in (["cot=1"], ["cot=x", "step=1", "final=0", "operand=0", "holistic=0"]):
+    for bad in (["cot=x"], ["steps=1"], ["cot=-1", "step=2"], ["cot=0"]):
         with pytest.raises(SystemExit):
             parse_mix(bad, ap)
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train.py: error: --mix:")
+
+
+def test_recompute_examples_work_out_the_asked_calculation():
+    from lit_latent.embedded.checks import recompute_example
+    from lit_latent.prompts import parse_recomputed
+
+    rng = random.Random(3)
+    ops = set()
+    for p in heldout_problems(40):
+        prompt, answer = recompute_example(rng, p)
+        x, op, y = prompt.removeprefix("Work out ").split(" column")[0].split()
+        ops.add(op)
+        value = {"+": int(x) + int(y), "-": int(x) - int(y), "×": int(x) * int(y)}[op]
+        assert parse_recomputed(answer, op) == value
+        # one group per column of the prompt, each starting with that column's digits
+        pairs = prompt.split("first: ")[1].rstrip(".").split(", ")
+        assert [g[:3] for g in answer.split(", ")] == pairs
+    assert ops == {"+", "-", "×"}  # divisions are asked as products
+
+
+def test_recompute_answers_carry_their_own_loss_weight(shipped):
+    from lit_latent.embedded.train import RECOMPUTE_WEIGHT, VERDICT_WEIGHT, ExampleStream
+
+    _, tok = shipped
+    stream = ExampleStream(tok, seed=0)
+    exs = stream.encode([("recompute", "Work out 12 + 5 column by column, last digits first: 2 5, 1 0.", "2 5 7 0, 1 0 1 0"),
+                         ("step", "Check this calculation: 12 + 5 = 17\nIs it right? Answer yes or no.", "yes")])
+    batch = stream.collate(exs)
+    (_, p0, a0), (_, p1, _) = exs
+    assert batch["is_recompute"].tolist() == [True, False] and batch["is_check"].tolist() == [False, True]
+    # every token of the worked answer (and eos) weighs RECOMPUTE_WEIGHT; a verdict VERDICT_WEIGHT
+    assert batch["weights"][0, len(p0): len(p0) + len(a0)].tolist() == [RECOMPUTE_WEIGHT] * len(a0)
+    assert len(a0) == 17  # 2 groups of 7 tokens, ", " between them, eos
+    assert batch["weights"][1, len(p1)] == VERDICT_WEIGHT and batch["weights"][0, : len(p0)].sum() == 0

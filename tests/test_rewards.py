@@ -14,7 +14,7 @@ from callbacks.rewards import (
     unverifiable_lines,
 )
 from lit_latent.config import RewardConfig, UserError
-from lit_latent.prompts import parse_verdict
+from lit_latent.prompts import parse_recomputed, parse_verdict, recompute_answer, recompute_prompt, recompute_question
 
 
 @pytest.mark.parametrize(
@@ -40,10 +40,11 @@ def test_combine_verdicts_weights_and_missing_verdicts_fail():
 
 def test_steps_scheme_asks_each_calculation_line():
     solution = "3 × 4 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
-    pairs = check_prompts("steps", "a problem", solution, list(SCHEME_WEIGHTS["steps"]))
-    calc = [m for c, m in pairs if c == "calculation"]
+    triples = check_prompts("steps", "a problem", solution, list(SCHEME_WEIGHTS["steps"]))
+    calc = [m for c, m, _ in triples if c == "calculation"]
     assert len(calc) == 2 and "3 × 4 = 12" in calc[0] and "12 + 5 = 17" in calc[1]
-    assert [c for c, _ in pairs].count("answer") == 1
+    assert [c for c, _, _ in triples].count("answer") == 1
+    assert all(expected is None for _, _, expected in triples)  # yes/no questions throughout
 
 
 class FakeModule:
@@ -131,3 +132,69 @@ def test_self_reward_and_training_labels_agree_on_what_the_answer_line_is():
         assert unverifiable_lines(solution) == 0
         assert holistic_label("calculation", problem, solution) is True
     assert not is_answer_line("9 + 16 = 25") and unverifiable_lines("9 + 16 = 25\nso 25 apples") == 1
+
+
+def test_recompute_questions_lay_out_the_lines_own_digits_in_columns():
+    message, op, claimed = recompute_question("214 - 46 = 188")
+    assert (op, claimed) == ("-", 188)
+    assert message == "Work out 214 - 46 column by column, last digits first: 4 6, 1 4, 2 0."
+    # a product pairs its one-digit factor with every digit of the other, whichever side it is on
+    assert recompute_question("9 × 207 = 1863")[0].endswith("last digits first: 7 9, 0 9, 2 9.")
+    # a whole-number division is right exactly when b × c gives back a
+    assert recompute_question("990 ÷ 9 = 110") == (recompute_prompt(110, "×", 9), "×", 990)
+    assert recompute_question("990 ÷ 110 = 9") == (recompute_prompt(110, "×", 9), "×", 990)
+    # no column layout: decimals, prose, a product of two numbers of several digits
+    for line in ("1.5 + 2 = 3.5", "so 25 apples", "12 × 15 = 180"):
+        assert recompute_question(line) is None
+
+
+@pytest.mark.parametrize("x, op, y", [(96, "+", 8), (110, "-", 34), (99, "×", 9), (5, "-", 5), (0, "+", 0), (907, "×", 7)])
+def test_recompute_answer_works_each_column_and_parses_back_to_the_result(x, op, y):
+    answer = recompute_answer(x, op, y)
+    assert parse_recomputed(answer, op) == (x + y if op == "+" else x - y if op == "-" else x * y)
+
+
+def test_recompute_answer_form():
+    assert recompute_answer(96, "+", 8) == "6 8 4 1, 9 0 0 1"  # digits, result digit, carry
+    assert recompute_answer(110, "-", 34) == "0 4 6 1, 1 3 7 1, 1 0 0 0"  # borrows
+    assert recompute_answer(99, "×", 9) == "9 9 1 8, 9 9 9 8"
+    # a difference ending in a borrow is negative: no whole-number result to compare
+    assert parse_recomputed(recompute_answer(3, "-", 8), "-") is None
+    for bad in ("", "yes", "6 8 4, 9 0 0 1", "6 8 4 1,9 0 0 1", "6 8 4 1, 9 0 0 1 and more"):
+        assert parse_recomputed(bad, "+") is None
+    assert parse_recomputed(" 6 8 4 1, 9 0 0 1", "+") == 104  # leading space of a continuation
+
+
+def _recomputing_module(slip: dict):
+    """Works recompute questions out column by column (the ``slip`` ones as scripted) and
+    answers every yes/no question with yes."""
+    import re
+
+    def answer(message):
+        m = re.match(r"Work out (\d+) (.) (\d+) column", message)
+        if m is None:
+            return "yes"
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        return slip.get((a, op, b), recompute_answer(a, op, b))
+
+    return FakeModule(answer)
+
+
+def test_recompute_scheme_compares_the_models_recomputation_with_each_line():
+    problems = [{"id": "a", "problem": "p", "answer": "17"}] * 3
+    good = "3 × 4 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
+    bad = "3 × 4 = 12\n12 + 5 = 18\nThe answer is \\boxed{18}."
+    division = "24 ÷ 2 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
+    module = _recomputing_module({})
+    scores = SelfReward("recompute").score(module, problems, [good, bad, division])
+    assert scores.rewards == [1.0, pytest.approx(1 - 2 / 6), 1.0]
+    assert scores.details[1]["calculation"] == [1, 0]
+    assert recompute_prompt(12, "×", 2) in module.asked
+    # the model's own slip on a right line fails it: the check is only as good as the recomputation
+    slipping = _recomputing_module({(12, "+", 5): "2 5 7 0, 1 0 2 0"})
+    assert SelfReward("recompute").score(slipping, problems[:1], [good]).details[0]["calculation"] == [1, 0]
+    # a line no recompute question fits fails, as in the steps scheme
+    odd = SelfReward("recompute").score(module, problems[:1], ["1.5 + 2 = 3.5\n3.5 + 1 = 4.5\n\\boxed{4.5}"])
+    assert odd.details[0]["calculation"] == [0, 0]
+    # a model answering yes/no to a recompute question fails it
+    assert SelfReward("recompute").score(FakeModule(lambda m: "yes"), problems[:1], [good]).rewards == [pytest.approx(1 - 2 / 6)]

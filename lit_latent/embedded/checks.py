@@ -56,6 +56,9 @@ from lit_latent.prompts import (
     holistic_check_prompt,
     is_answer_line,
     operand_check_prompt,
+    recompute_answer,
+    recompute_operands,
+    recompute_prompt,
     step_check_prompt,
 )
 from lit_latent.embedded.problems import format_solution, numbers_in
@@ -271,9 +274,10 @@ def _random_kind(rng: random.Random) -> str:
     return rng.choices(list(_KIND_WEIGHTS), weights=list(_KIND_WEIGHTS.values()))[0]
 
 
-def _step_example(rng, problem, want):
-    lines = _run(_program(problem))
-    a, op, b, c = rng.choice(lines)
+def step_line(rng: random.Random, problem: dict, want: bool) -> str:
+    """A calculation line for the step-level checks: a line of the gold solution, or (``want``
+    False) one with its result or an operand perturbed."""
+    a, op, b, c = rng.choice(_run(_program(problem)))
     if not want:
         if rng.random() < 0.75:
             c = perturb(rng, c)
@@ -281,7 +285,11 @@ def _step_example(rng, problem, want):
             a = perturb(rng, a)
         else:
             b = max(1, perturb(rng, b))
-    line = f"{a} {op} {b} = {c}"
+    return f"{a} {op} {b} = {c}"
+
+
+def _step_example(rng, problem, want):
+    line = step_line(rng, problem, want)
     return step_check_prompt(line), line_true(line)
 
 
@@ -295,6 +303,26 @@ def _operand_example(rng, problem, want):
         if operand_label(problem, line) == want:
             break
     return operand_check_prompt(problem["problem"], line), operand_label(problem, line)
+
+
+def recompute_example(rng: random.Random, problem: dict) -> tuple[str, str]:
+    """``(user prompt, answer)`` for the recompute check: the question
+    ``prompts.recompute_question`` asks of one line of the problem's gold solution, an operand
+    perturbed in 30% of examples (latent edits and wrong steps put such numbers in lines), and
+    the model's worked answer (``prompts.recompute_answer``: per column its digits, the result
+    digit and the carry)."""
+    a, op, b, c = rng.choice(_run(_program(problem)))
+    x, op, y, _ = recompute_operands(f"{a} {op} {b} = {c}")
+    if rng.random() < 0.3:
+        if rng.random() < 0.5:
+            x = perturb(rng, x)
+        elif op != "×":
+            y = perturb(rng, y)
+        else:
+            y = rng.randint(2, 9)
+        if op == "-" and y > x:
+            x, y = y, x
+    return recompute_prompt(x, op, y), recompute_answer(x, op, y)
 
 
 def check_example(rng: random.Random, problem: dict, task: str, want: Optional[bool] = None) -> tuple[str, bool]:

@@ -26,11 +26,13 @@ from lit_latent.prompts import (
     final_check_prompt,
     holistic_check_prompt,
     math_prompt,
+    parse_recomputed,
     parse_verdict,
+    recompute_question,
     step_check_prompt,
 )
 from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
-from lit_latent.embedded.checks import TASKS, check_example, line_true
+from lit_latent.embedded.checks import TASKS, check_example, line_true, step_line
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -90,6 +92,16 @@ def ask(model, tok, prompts: Sequence[str], batch_size: int = 128) -> list[Optio
     return [parse_verdict(g) for g in generate(model, tok, prompts, max_new_tokens=3, batch_size=batch_size)]
 
 
+def recompute(model, tok, lines: Sequence[str], batch_size: int = 128) -> list[Optional[bool]]:
+    """The recompute check of each line: the model redoes it column by column and the line
+    passes when that gives back the value the line claims; None for a line no column layout
+    fits."""
+    questions = [recompute_question(ln) for ln in lines]
+    asked = [q for q in questions if q is not None]
+    texts = iter(generate(model, tok, [m for m, _, _ in asked], max_new_tokens=40, batch_size=batch_size))
+    return [None if q is None else parse_recomputed(next(texts), q[1]) == q[2] for q in questions]
+
+
 def cot_accuracy(model, tok, problems: Sequence[dict], **kw) -> dict:
     sols = solve(model, tok, problems, **kw)
     correct = [boxed_answer(s) == str(p["answer"]) for p, s in zip(problems, sols)]
@@ -108,6 +120,9 @@ def check_accuracies(model, tok, problems: Sequence[dict], tasks=TASKS, seed: in
         ex = [check_example(rng, p, task, want=(i % 2 == 0)) for i, p in enumerate(problems)]
         got = ask(model, tok, [e[0] for e in ex])
         res[task] = sum(g == lab for g, (_, lab) in zip(got, ex)) / len(ex)
+    lines = [step_line(rng, p, want=(i % 2 == 0)) for i, p in enumerate(problems)]
+    got = recompute(model, tok, lines)
+    res["recompute"] = sum(g is line_true(ln) for g, ln in zip(got, lines)) / len(lines)
     return res
 
 
@@ -121,7 +136,12 @@ def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str
         for c in HOLISTIC_QUESTIONS:
             prompts.append(holistic_check_prompt(c, problems[i]["problem"], s)); owner.append((c, i, None))
     got = ask(model, tok, prompts)
+    own_lines = [(i, ln) for i, s in enumerate(solutions) for ln in calculation_lines(s)]
+    redone = recompute(model, tok, [ln for _, ln in own_lines])
     n = len(solutions)
+    recompute_ok = [bool(calculation_lines(s)) for s in solutions]
+    for (i, ln), v in zip(own_lines, redone):
+        recompute_ok[i] &= v is True
     steps_ok, final_ok = [True] * n, [False] * n
     holistic = {c: [False] * n for c in HOLISTIC_QUESTIONS}
     line_hits = []
@@ -133,7 +153,8 @@ def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str
             final_ok[i] = v is True
         else:
             holistic[kind][i] = v is True
-    verdicts = {"steps+final": [a and b for a, b in zip(steps_ok, final_ok)], **holistic,
+    verdicts = {"steps+final": [a and b for a, b in zip(steps_ok, final_ok)],
+                "recompute+final": [a and b for a, b in zip(recompute_ok, final_ok)], **holistic,
                 "latentseek (all 4)": [all(holistic[c][i] for c in ("calculation", "answer", "complete", "understood"))
                                        for i in range(n)]}
     res = {}
@@ -144,6 +165,7 @@ def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str
         res[name] = {"agree": agree, "yes_on_correct": yes_right, "no_on_wrong": no_wrong}
     res["own_lines_step_check"] = sum(line_hits) / max(1, len(line_hits))
     res["own_lines_true"] = sum(o[2] for o in owner if o[0] == "step") / max(1, len(line_hits))
+    res["own_lines_recompute"] = sum(v is line_true(ln) for (_, ln), v in zip(own_lines, redone)) / max(1, len(own_lines))
     return res
 
 
@@ -175,7 +197,8 @@ def main(argv=None) -> dict:
         if isinstance(v, dict):
             print(f"| {k} | {v['agree']:.1%} | {v['yes_on_correct']:.1%} | {v['no_on_wrong']:.1%} |")
     print(f"\nStep check on its own calculation lines: {agree['own_lines_step_check']:.1%} right "
-          f"({agree['own_lines_true']:.1%} of those lines are true)")
+          f"({agree['own_lines_true']:.1%} of those lines are true); "
+          f"recompute check on them: {agree['own_lines_recompute']:.1%} right")
     print(f"total {time.time() - t0:.0f}s")
     return {"cot": {k: v for k, v in cot.items() if k not in ("solutions", "correct")}, "checks": checks, "self": agree}
 
