@@ -26,6 +26,7 @@ from lit_latent.prompts import (
     final_check_prompt,
     holistic_check_prompt,
     is_answer_line,
+    RECOMPUTE_TOKENS,
     parse_recomputed,
     parse_verdict,
     recompute_question,
@@ -88,8 +89,6 @@ SCHEME_WEIGHTS = {
 }
 # schemes whose calculation check asks about each line, and fail lines it cannot ask about
 LINE_SCHEMES = ("steps", "recompute")
-# a recomputation of up to four columns (nine tokens each, see prompts.recompute_answer) and eos
-RECOMPUTE_TOKENS = 40
 
 
 def check_prompts(scheme: str, problem: str, solution: str,

@@ -87,6 +87,9 @@ def operand_check_prompt(problem: str, line: str) -> str:
 # the line's own digits in columns (no arithmetic); the model does the sums, and the number it
 # wrote is compared with the line's result in code.
 
+# new tokens a recomputation of up to five columns takes (nine each, see recompute_answer) and eos
+RECOMPUTE_TOKENS = 48
+
 _RECOMPUTE_LINE = re.compile(r"^\s*(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)\s*$")
 
 
@@ -134,7 +137,7 @@ def parse_recomputed(generated: str, op: str) -> Optional[int]:
     the text is not in that form, or a difference ends with a borrow (a negative result)."""
     groups = generated.strip().split(", ")
     found = [_COLUMN.fullmatch(g) for g in groups]
-    if not groups or not all(found):
+    if not all(found):
         return None
     digits = "".join(m.group(3) for m in found)[::-1]
     carry = found[-1].group(4)

@@ -309,8 +309,8 @@ def recompute_example(rng: random.Random, problem: dict) -> tuple[str, str]:
     """``(user prompt, answer)`` for the recompute check: the question
     ``prompts.recompute_question`` asks of one line of the problem's gold solution, an operand
     perturbed in 30% of examples (latent edits and wrong steps put such numbers in lines), and
-    the model's worked answer (``prompts.recompute_answer``: per column its digits, the result
-    digit and the carry)."""
+    the worked answer the model learns to write (``prompts.recompute_answer``: per column its
+    digits, the result digit and the carry)."""
     a, op, b, c = rng.choice(_run(_program(problem)))
     x, op, y, _ = recompute_operands(f"{a} {op} {b} = {c}")
     if rng.random() < 0.3:

@@ -26,6 +26,7 @@ from lit_latent.prompts import (
     final_check_prompt,
     holistic_check_prompt,
     math_prompt,
+    RECOMPUTE_TOKENS,
     parse_recomputed,
     parse_verdict,
     recompute_question,
@@ -98,7 +99,8 @@ def recompute(model, tok, lines: Sequence[str], batch_size: int = 128) -> list[O
     fits."""
     questions = [recompute_question(ln) for ln in lines]
     asked = [q for q in questions if q is not None]
-    texts = iter(generate(model, tok, [m for m, _, _ in asked], max_new_tokens=40, batch_size=batch_size))
+    texts = iter(generate(model, tok, [m for m, _, _ in asked], max_new_tokens=RECOMPUTE_TOKENS,
+                           batch_size=batch_size))
     return [None if q is None else parse_recomputed(next(texts), q[1]) == q[2] for q in questions]
 
 
