@@ -90,7 +90,17 @@ def operand_check_prompt(problem: str, line: str) -> str:
 # new tokens a recomputation of up to five columns takes (nine each, see recompute_answer) and eos
 RECOMPUTE_TOKENS = 48
 
-_RECOMPUTE_LINE = re.compile(r"^\s*(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+_WHOLE_LINE = re.compile(r"^\s*(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+
+
+def parse_line(line: str) -> Optional[tuple[int, str, int, int]]:
+    """``(a, op, b, c)`` of one whole-number calculation line ``a op b = c`` (``*`` and ``/``
+    read as ``×`` and ``÷``), or None."""
+    m = _WHOLE_LINE.match(line)
+    if m is None:
+        return None
+    op = {"*": "×", "/": "÷"}.get(m.group(2), m.group(2))
+    return int(m.group(1)), op, int(m.group(3)), int(m.group(4))
 
 
 def columns(x: int, op: str, y: int) -> list[tuple[str, str]]:
@@ -146,16 +156,12 @@ def parse_recomputed(generated: str, op: str) -> Optional[int]:
     return int(carry + digits)
 
 
-def recompute_operands(line: str) -> Optional[tuple[int, str, int, int]]:
-    """``(x, op, y, claimed)`` for the recompute check of one calculation line ``a op b = c``:
-    ``a op b`` against ``c``, a product with its one-digit factor second, and a division
-    ``a ÷ b = c`` as the product ``b × c`` against ``a`` (whole-number division is right exactly
-    when that product gives back ``a``). None for a line that is not one whole-number
-    calculation, or a product of two numbers of several digits (no column layout fits it)."""
-    m = _RECOMPUTE_LINE.match(line)
-    if m is None:
-        return None
-    a, op, b, c = int(m.group(1)), {"*": "×", "/": "÷"}.get(m.group(2), m.group(2)), int(m.group(3)), int(m.group(4))
+def recompute_operands(a: int, op: str, b: int, c: int) -> Optional[tuple[int, str, int, int]]:
+    """``(x, op, y, claimed)`` for the recompute check of the line ``a op b = c``: ``a op b``
+    against ``c``, a product with its one-digit factor second, and a division ``a ÷ b = c`` as
+    the product ``b × c`` against ``a`` (whole-number division is right exactly when that
+    product gives back ``a``). None for a product of two numbers of several digits (no column
+    layout fits it)."""
     if op in "+-":
         return a, op, b, c
     x, y, claimed = (a, b, c) if op == "×" else (b, c, a)
@@ -166,8 +172,9 @@ def recompute_operands(line: str) -> Optional[tuple[int, str, int, int]]:
 
 def recompute_question(line: str) -> Optional[tuple[str, str, int]]:
     """(user message, operation asked, the value the line claims) for the recompute check of
-    one line, or None when no column layout fits it."""
-    found = recompute_operands(line)
+    one line, or None when it is not one whole-number calculation or no column layout fits it."""
+    parsed = parse_line(line)
+    found = None if parsed is None else recompute_operands(*parsed)
     if found is None:
         return None
     x, op, y, claimed = found

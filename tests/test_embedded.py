@@ -15,10 +15,9 @@ from lit_latent.embedded.checks import (
     final_label,
     holistic_label,
     line_true,
-    parse_line,
 )
 from lit_latent.embedded.problems import heldout_problems, make_problem, numbers_in, train_problems
-from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, parse_verdict, step_check_prompt
+from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, parse_line, parse_verdict, step_check_prompt
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ from lit_latent.prompts import (
     holistic_check_prompt,
     is_answer_line,
     operand_check_prompt,
+    parse_line,
     recompute_answer,
     recompute_operands,
     recompute_prompt,
@@ -67,19 +68,10 @@ CANDIDATE_KINDS = ("correct", "wrong_step", "wrong_final", "missing_step", "no_b
                    "miscopied_operand", "garbled", "two_answers")
 TASKS = ("step", "final", "operand") + tuple(f"holistic:{c}" for c in HOLISTIC_QUESTIONS)
 
-_LINE = re.compile(r"^\s*(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)\s*$")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 # --- parsing and labels ---------------------------------------------------------------------
-
-def parse_line(line: str) -> Optional[tuple[int, str, int, int]]:
-    m = _LINE.match(line)
-    if m is None:
-        return None
-    op = {"*": "×", "/": "÷"}.get(m.group(2), m.group(2))
-    return int(m.group(1)), op, int(m.group(3)), int(m.group(4))
-
 
 def line_true(line: str) -> bool:
     p = parse_line(line)
@@ -311,8 +303,7 @@ def recompute_example(rng: random.Random, problem: dict) -> tuple[str, str]:
     perturbed in 30% of examples (latent edits and wrong steps put such numbers in lines), and
     the worked answer the model learns to write (``prompts.recompute_answer``: per column its
     digits, the result digit and the carry)."""
-    a, op, b, c = rng.choice(_run(_program(problem)))
-    x, op, y, _ = recompute_operands(f"{a} {op} {b} = {c}")
+    x, op, y, _ = recompute_operands(*rng.choice(_run(_program(problem))))
     if rng.random() < 0.3:
         if rng.random() < 0.5:
             x = perturb(rng, x)
