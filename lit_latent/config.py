@@ -181,6 +181,10 @@ class EvolveConfig:
     """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
     night_every: int = 200
     """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
+    regenerate_after_first_change: bool = False
+    """Keep a prefix sampled from the latents only up to its first token that differs from the greedy CoT, and regenerate the rest."""
+    answer: str = "final"
+    """Which latents answer and are archived as z*: final (the last step's, the paper) or best (the step with the highest mean reward, earliest on ties)."""
 
     def __post_init__(self) -> None:
         for name in ("latent_count", "top_k", "samples", "max_steps", "patience"):
@@ -188,6 +192,7 @@ class EvolveConfig:
         _positive("evolve.lr", self.lr)
         _positive("evolve.sample_temperature", self.sample_temperature)
         _positive("evolve.night_every", self.night_every, allow_zero=True)
+        _one_of("evolve.answer", self.answer, ("final", "best"))
 
 
 @dataclass

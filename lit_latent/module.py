@@ -535,18 +535,23 @@ class LatentAdaptationModule(L.LightningModule):
                 latents[i] = z0.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z for z in latents if z is not None], lr=cfg.lr) if usable else None
         samplers = [self.generator(p["id"], "evolve") for p in problems]
+        # evolve.regenerate_after_first_change: a prefix ends at its first token that differs from the CoT's
+        original = [t[: cfg.latent_count] for t in first.tokens]
+        cut = (lambda i, x: keep_through_first_change(x, original[i])) if cfg.regenerate_after_first_change else None
 
         # 5. refine: M sampled outputs per step, mean-reward baseline, stop after `patience` steps without gain
         best = {i: float("-inf") for i in usable}
         stale = {i: 0 for i in usable}
         last_mean = {i: 0.0 for i in usable}
+        # evolve.answer=best: the latents whose M samples scored the highest mean, and that mean
+        best_latents = {i: latents[i].detach().clone() for i in usable}
         active = list(usable)
         for step in range(cfg.max_steps):
             if not active:
                 break
             rows, out, outs, scores = self.sampled_candidates(
                 active, m, latents, cfg.sample_temperature, samplers, prompts, problems,
-                None if self.cfg.perf.reference_mode else state, reward)
+                None if self.cfg.perf.reference_mode else state, reward, cut)
             losses = {}
             for k, i in enumerate(active):
                 q = scores.rewards[k * m : (k + 1) * m]
@@ -566,13 +571,20 @@ class LatentAdaptationModule(L.LightningModule):
                 last_mean[i] = mean
                 if mean > best[i]:
                     best[i], stale[i] = mean, 0
+                    best_latents[i] = latents[i].detach().clone()
                 else:
                     stale[i] += 1
             active = [i for i in self.optimizer_step(optimizer, latents, losses, records) if stale[i] < cfg.patience]
 
         # 6. answer greedily from z*
+        if usable and cfg.answer == "best":
+            for i in usable:
+                if records[i]["rewards"]:
+                    latents[i], last_mean[i] = best_latents[i], best[i]
         if usable:
             prefixes = [decode_latents(head, latents[i]) for i in usable]
+            if cut:
+                prefixes = [cut(i, x) for i, x in zip(usable, prefixes)]
             out = self.generate([prompts[i] for i in usable], prefixes=prefixes,
                                 prompt_state=None if self.cfg.perf.reference_mode else state.select(usable))
             for k, i in enumerate(usable):

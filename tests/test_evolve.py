@@ -3,11 +3,16 @@
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 import adapt
 import train
+from callbacks.rewards import RewardCallback, Scores
+from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig
+from lit_latent.data import ProblemDataModule
+from lit_latent.module import LatentAdaptationModule
 from lit_latent.latents import momentum_init
 from lit_latent.memory import EpisodicMemory
 from lit_latent.results import read_records
@@ -102,3 +107,79 @@ def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_mod
     assert run.stdout.count("weaver saved to") == 1  # one report, from rank 0
     weaver = load_weaver(out, 32, model_id(tiny_model_dir), latent_count=3)
     assert weaver(e[:2], z_base[:2]).shape == (2, 3, 32)
+
+
+class FirstStepPays(RewardCallback):
+    """Every sample of a problem's first refinement step earns 1, later ones 0; records each
+    scored completion, so a test can see what was generated."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+        self.completions: list[str] = []
+
+    def score(self, module, problems, completions):
+        self.completions += completions
+        rewards = []
+        for p in problems:
+            self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
+            rewards.append(1.0 if self.seen[p["id"]] <= 2 else 0.0)  # 2 samples per step
+        return Scores(rewards, [0] * len(problems))
+
+
+def evolve_day(model, tokenizer, reward, **evolve):
+    cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.evolve = EvolveConfig(**{**dict(latent_count=3, samples=2, max_steps=4, patience=3, lr=0.5, night_every=0), **evolve})
+    module = LatentAdaptationModule(model, tokenizer, cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reward], inference_mode=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    problems = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i), "choices": None} for i in range(3)]
+    out = trainer.predict(module, datamodule=ProblemDataModule(problems, batch_size=3))
+    return [r for batch in out for r in batch]
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, char_tokenizer):
+    # only the first step's samples pay: "best" keeps the starting latents (z_base: no memory,
+    # no weaver), so the answer is the greedy CoT again; "final" answers from the moved latents
+    # (no baseline: with one, equal rewards of a step would leave the latents where they are)
+    best = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="best", baseline=False)
+    for r in best:
+        assert r["rewards"] == [1.0, 0.0, 0.0, 0.0]  # stopped after 3 steps without gain
+        assert r["final_mean_reward"] == 1.0 and r["_archive"]["score"] == 1.0
+        torch.testing.assert_close(r["_archive"]["z_star"], r["_archive"]["z_base"])
+        # the greedy CoT again (cut at max_new_tokens; from the latents it gets that many more)
+        assert r["output"].startswith(r["initial_output"])
+    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="final", baseline=False)
+    for r in final:
+        assert r["final_mean_reward"] == 0.0 and r["_archive"]["score"] == 0.0
+        assert not torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"])
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+@pytest.mark.parametrize("regenerate", [True, False])
+def test_regenerate_after_first_change_cuts_sampled_prefixes_after_their_first_change(tiny_model, char_tokenizer, monkeypatch, regenerate):
+    # hot samples (temperature 50) differ from the CoT's opening early; with the option each
+    # prefix handed to generation is the CoT's opening through its first changed token
+    calls = []
+    real = LatentAdaptationModule.generate
+
+    def spy(self, prompts, **kw):
+        out = real(self, prompts, **kw)
+        calls.append((kw.get("prefixes"), out.tokens if kw.get("return_hidden") else None))
+        return out
+
+    monkeypatch.setattr(LatentAdaptationModule, "generate", spy)
+    evolve_day(tiny_model, char_tokenizer, FirstStepPays(), regenerate_after_first_change=regenerate, sample_temperature=50.0)
+    cot = [t[:3] for t in calls[0][1]]  # the greedy CoT's first L' = 3 tokens, per problem
+    sampled = [p for prefixes, _ in calls[1:-1] for p in prefixes]  # the last call answers from z*
+    assert len(sampled) >= 3 * 2 * 4  # 3 problems x M = 2 x 4 steps
+
+    def cut_after_first_change(prefix):
+        return any(prefix[:k] == c[:k] and prefix[k] != c[k] and len(prefix) == k + 1 for c in cot for k in range(3))
+
+    changed = [p for p in sampled if p not in cot]
+    assert len(changed) > len(sampled) // 2
+    if regenerate:
+        assert all(cut_after_first_change(p) for p in changed)
+    else:
+        assert all(len(p) == 3 for p in sampled) and not all(cut_after_first_change(p) for p in changed)
