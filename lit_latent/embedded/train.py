@@ -1,6 +1,6 @@
 """Train the embedded model from scratch with a Lightning ``fit`` on CPU.
 
-    python -m lit_latent.embedded.train                      # the shipped model (~45 min on 2 cores)
+    python -m lit_latent.embedded.train                      # a model from scratch (45 min on 2 cores; the shipped weights had more fit, see the model card)
     python -m lit_latent.embedded.train --minutes 1 --out /tmp/emb --heldout-out /tmp/emb/heldout.jsonl
 
 Writes the held-out problems, builds the tokenizer, trains a small Llama on a mix of
