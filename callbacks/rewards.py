@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from lightning.pytorch.callbacks import Callback
 
@@ -23,10 +23,12 @@ from lit_latent.config import RewardConfig, UserError
 from lit_latent.data import num_choices
 from lit_latent.prompts import (
     calculation_lines,
+    FINAL_CHECK_TOKENS,
     final_check_prompt,
     holistic_check_prompt,
     is_answer_line,
     RECOMPUTE_TOKENS,
+    parse_final_check,
     parse_recomputed,
     parse_verdict,
     recompute_question,
@@ -91,29 +93,42 @@ SCHEME_WEIGHTS = {
 LINE_SCHEMES = ("steps", "recompute")
 
 
-def check_prompts(scheme: str, problem: str, solution: str,
-                  criteria: Sequence[str]) -> list[tuple[str, str, Optional[tuple[str, int]]]]:
-    """(criterion, user message, expected) triples that judge one solution. ``expected`` is
-    None for a yes/no question; for a recompute question it is the operation asked and the
-    value the line claims: the check passes when the model's recomputation gives it back.
+Judge = Callable[[str], Optional[bool]]
+"""The verdict a check's generated text gives: True, False, or None when it is not in the
+form the question asks for (callers count None as a failed check)."""
+
+
+def recompute_judge(op: str, claimed: int) -> Judge:
+    return lambda text: parse_recomputed(text, op) == claimed
+
+
+def final_judge(solution: str) -> Judge:
+    return lambda text: parse_final_check(text, solution)
+
+
+def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[str]) -> list[tuple[str, str, Judge]]:
+    """(criterion, user message, judge) triples that judge one solution; the judge reads the
+    verdict from the model's answer: a yes/no word, or a number the model worked out that must
+    equal the one the solution claims.
 
     The ``steps`` scheme asks the calculation check once per calculation line ("is this line
-    right?") and the answer check as "does the boxed answer equal the last line's result" —
-    what a small model can judge. The ``recompute`` scheme asks the model to redo each line
-    instead, column by column (``prompts.recompute_question``), and compares in code. In both
-    a solution with no calculation line fails its calculation check.
+    right?"), and the answer check as "what is the last line's result?", passed when the model's
+    number equals the boxed answer (``prompts.final_check_prompt``) -- what a small model can
+    judge. The ``recompute`` scheme asks the model to redo each line instead, column by column
+    (``prompts.recompute_question``), and compares in code. In both a solution with no
+    calculation line fails its calculation check.
     """
     triples = []
     for crit in criteria:
         if scheme == "steps" and crit == "calculation":
-            triples += [(crit, step_check_prompt(line), None) for line in calculation_lines(solution)]
+            triples += [(crit, step_check_prompt(line), parse_verdict) for line in calculation_lines(solution)]
         elif scheme == "recompute" and crit == "calculation":
             questions = [recompute_question(line) for line in calculation_lines(solution)]
-            triples += [(crit, msg, (op, claimed)) for msg, op, claimed in filter(None, questions)]
+            triples += [(crit, msg, recompute_judge(op, claimed)) for msg, op, claimed in filter(None, questions)]
         elif scheme in LINE_SCHEMES and crit == "answer":
-            triples.append((crit, final_check_prompt(solution), None))
+            triples.append((crit, final_check_prompt(solution), final_judge(solution)))
         else:
-            triples.append((crit, holistic_check_prompt(crit, problem, solution), None))
+            triples.append((crit, holistic_check_prompt(crit, problem, solution), parse_verdict))
     return triples
 
 
@@ -154,20 +169,21 @@ class SelfReward(RewardCallback):
         self.verdict_tokens = verdict_tokens
 
     def score(self, module, problems, completions):
-        owners, crits, messages, expected = [], [], [], []
+        owners, crits, messages, judges = [], [], [], []
         for i, (p, c) in enumerate(zip(problems, completions)):
-            for crit, msg, value in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
+            for crit, msg, judge in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
                 owners.append(i)
                 crits.append(crit)
                 messages.append(msg)
-                expected.append(value)
-        budget = max(self.verdict_tokens, RECOMPUTE_TOKENS) if self.scheme == "recompute" else self.verdict_tokens
+                judges.append(judge)
+        budget = self.verdict_tokens
+        if self.scheme in LINE_SCHEMES:  # answers that are numbers: the final check, the recompute check
+            budget = max(budget, FINAL_CHECK_TOKENS, RECOMPUTE_TOKENS if self.scheme == "recompute" else 0)
         texts, new_tokens = module.complete(messages, max_new_tokens=budget)
         verdicts: list[dict[str, list[Optional[bool]]]] = [{} for _ in problems]
         tokens = [0] * len(problems)
-        for i, crit, text, value, n in zip(owners, crits, texts, expected, new_tokens):
-            verdict = parse_verdict(text) if value is None else parse_recomputed(text, value[0]) == value[1]
-            verdicts[i].setdefault(crit, []).append(verdict)
+        for i, crit, text, judge, n in zip(owners, crits, texts, judges, new_tokens):
+            verdicts[i].setdefault(crit, []).append(judge(text))
             tokens[i] += n
         if self.scheme in LINE_SCHEMES and "calculation" in self.weights:
             for i, c in enumerate(completions):

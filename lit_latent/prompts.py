@@ -63,12 +63,54 @@ def step_check_prompt(line: str) -> str:
     return f"Check this calculation: {line.strip()}\nIs it right? {VERDICT_INSTRUCTION}"
 
 
+# Final check: does the boxed answer equal the last calculation line's result? Asked about the
+# whole solution for a one-word verdict, the embedded model learned shortcuts (a missing or
+# doubled box) but not the comparison: it caught 63% of wrong boxed answers. Asked to compare
+# the two numbers pair of digits by pair of digits, it had not learned to tell two digits
+# apart after 25 of its 45 minutes. So, as in the recompute check, the model produces the
+# number and code compares: the prompt gives the solution's calculation lines (not its answer
+# sentence, so the box cannot be copied), the model writes the last line's result, and the
+# check passes when that equals the boxed answer.
+
+# new tokens a final check takes: the result's digits and eos
+FINAL_CHECK_TOKENS = 12
+_BOXED_VALUE = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def final_check_values(solution: str) -> tuple[Optional[str], Optional[str]]:
+    """(last line's result, last boxed answer) of a solution, spaces removed; None for a
+    solution with no calculation line or no ``\\boxed{}``."""
+    lines = calculation_lines(solution)
+    boxed = _BOXED_VALUE.findall(solution)
+    result = lines[-1].rsplit("=", 1)[1].replace(" ", "") if lines else None
+    return result, (boxed[-1].replace(" ", "") if boxed else None)
+
+
 def final_check_prompt(solution: str) -> str:
-    """Does the boxed answer equal the result of the last calculation line?"""
-    return (
-        f"Solution: {solution.strip()}\n"
-        f"Is the boxed answer the result of the last line? {VERDICT_INSTRUCTION}"
-    )
+    """Asks for the result of the solution's last calculation line."""
+    lines = calculation_lines(solution)
+    listed = "\n".join(lines) if lines else "none"
+    return f"Calculation lines:\n{listed}\nWhat is the result of the last line?"
+
+
+def final_check_answer(solution: str) -> str:
+    """What the model is trained to write for ``final_check_prompt(solution)``: the last
+    line's result as written there, or ``none`` when the solution has no calculation line."""
+    result, _ = final_check_values(solution)
+    return "none" if result is None else result
+
+
+_FIRST_WORD = re.compile(r"\s*(\S+)")
+
+
+def parse_final_check(generated: str, solution: str) -> Optional[bool]:
+    """The final check's verdict: the result the model wrote (its first word) equals the
+    solution's boxed answer. None when it wrote nothing; False when the solution has no box."""
+    m = _FIRST_WORD.match(generated)
+    if m is None:
+        return None
+    _, boxed = final_check_values(solution)
+    return boxed is not None and m.group(1).rstrip(".") == boxed
 
 
 def operand_check_prompt(problem: str, line: str) -> str:

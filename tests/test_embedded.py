@@ -17,7 +17,15 @@ from lit_latent.embedded.checks import (
     line_true,
 )
 from lit_latent.embedded.problems import heldout_problems, make_problem, numbers_in, train_problems
-from lit_latent.prompts import HOLISTIC_QUESTIONS, calculation_lines, parse_line, parse_verdict, step_check_prompt
+from lit_latent.prompts import (
+    HOLISTIC_QUESTIONS,
+    calculation_lines,
+    final_check_answer,
+    final_check_prompt,
+    parse_line,
+    parse_verdict,
+    step_check_prompt,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +134,20 @@ def test_shipped_model_answers_checks(shipped, heldout):
 
     model, tok = shipped
     rng = random.Random(0)
-    prompts = [check_example(rng, p, t)[0] for p in heldout[:4] for t in ("step", "final")]
+    prompts = [check_example(rng, p, "step")[0] for p in heldout[:4]]
     assert all(v is not None for v in ask(model, tok, prompts))
     assert parse_verdict("yes") is True
+
+
+def test_shipped_model_finds_the_last_result_for_the_final_check(shipped, heldout):
+    from lit_latent.embedded.checks import final_candidate
+    from lit_latent.embedded.evaluate import final_check
+
+    model, tok = shipped
+    rng = random.Random(0)
+    examples = [final_candidate(rng, p, want=i % 2 == 0) for i, p in enumerate(heldout[:12])]
+    got = final_check(model, tok, [solution for solution, _ in examples])
+    assert sum(g is label for g, (_, label) in zip(got, examples)) >= 10, (got, [label for _, label in examples])
 
 
 def test_training_smoke(tmp_path, shipped):
@@ -179,6 +198,27 @@ def test_recompute_examples_work_out_the_asked_calculation():
     assert ops == {"+", "-", "×"}  # divisions are asked as products
 
 
+def test_final_examples_ask_for_the_last_result_of_candidates_of_both_labels():
+    from lit_latent.embedded.checks import final_candidate, final_example
+    from lit_latent.prompts import final_check_values, parse_final_check
+
+    rng = random.Random(5)
+    labels = []
+    for i, p in enumerate(heldout_problems(40)):
+        solution, label = final_candidate(rng, p, want=i % 2 == 0)
+        labels.append(label)
+        assert label is (i % 2 == 0)
+        # the answer it is trained on, compared with the box, gives the label
+        prompt, answer = final_check_prompt(solution), final_check_answer(solution)
+        assert parse_final_check(answer, solution) is label
+        assert answer == (final_check_values(solution)[0] or "none")
+        assert "\\boxed" not in prompt
+        prompt, answer = final_example(rng, p)
+        lines = prompt.splitlines()[1:-1]
+        assert answer == ("none" if lines == ["none"] else lines[-1].rsplit("=", 1)[1].replace(" ", ""))
+    assert set(labels) == {True, False}
+
+
 def test_recompute_answers_carry_their_own_loss_weight(shipped):
     from lit_latent.embedded.train import RECOMPUTE_WEIGHT, VERDICT_WEIGHT, ExampleStream
 
@@ -193,3 +233,16 @@ def test_recompute_answers_carry_their_own_loss_weight(shipped):
     assert batch["weights"][0, len(p0): len(p0) + len(a0)].tolist() == [RECOMPUTE_WEIGHT] * len(a0)
     assert len(a0) == 17  # 2 groups of 7 tokens, ", " between them, eos
     assert batch["weights"][1, len(p1)] == VERDICT_WEIGHT and batch["weights"][0, : len(p0)].sum() == 0
+
+
+def test_final_check_answers_carry_their_own_loss_weight(shipped):
+    from lit_latent.embedded.train import FINAL_WEIGHT, ExampleStream
+
+    _, tok = shipped
+    stream = ExampleStream(tok, seed=0)
+    exs = stream.encode([("final", "Calculation lines:\n12 + 5 = 17\nWhat is the result of the last line?", "17")])
+    batch = stream.collate(exs)
+    (_, p, a), = exs
+    assert batch["is_final"].tolist() == [True] and batch["is_check"].tolist() == [False]
+    assert len(a) == 3 and a[-1] == tok.eos_token_id  # two digits and eos, each FINAL_WEIGHT
+    assert batch["weights"][0, len(p): len(p) + len(a)].tolist() == [FINAL_WEIGHT] * 3

@@ -14,7 +14,18 @@ from callbacks.rewards import (
     unverifiable_lines,
 )
 from lit_latent.config import RewardConfig, UserError
-from lit_latent.prompts import parse_recomputed, parse_verdict, recompute_answer, recompute_prompt, recompute_question
+from lit_latent.prompts import (
+    FINAL_CHECK_TOKENS,
+    final_check_answer,
+    final_check_prompt,
+    final_check_values,
+    parse_final_check,
+    parse_recomputed,
+    parse_verdict,
+    recompute_answer,
+    recompute_prompt,
+    recompute_question,
+)
 
 
 @pytest.mark.parametrize(
@@ -44,11 +55,38 @@ def test_steps_scheme_asks_each_calculation_line():
     calc = [m for c, m, _ in triples if c == "calculation"]
     assert len(calc) == 2 and "3 × 4 = 12" in calc[0] and "12 + 5 = 17" in calc[1]
     assert [c for c, _, _ in triples].count("answer") == 1
-    assert all(expected is None for _, _, expected in triples)  # yes/no questions throughout
+    judges = {c: j for c, _, j in triples}
+    assert judges["calculation"] is parse_verdict and judges["complete"] is parse_verdict  # yes/no questions
+    assert judges["answer"]("17") is True and judges["answer"]("18") is False  # a number compared with the box
+
+
+def test_final_check_asks_for_the_last_result_and_compares_it_with_the_box():
+    right = "3 × 4 = 12\n12 + 156 = 168\nThe answer is \\boxed{168}."
+    wrong = right.replace("{168}", "{170}")
+    assert final_check_values(wrong) == ("168", "170")
+    # the calculation lines only: the answer sentence (and its box) is not shown, so it cannot be copied
+    assert final_check_prompt(wrong) == final_check_prompt(right) == (
+        "Calculation lines:\n3 × 4 = 12\n12 + 156 = 168\nWhat is the result of the last line?")
+    assert final_check_answer(right) == final_check_answer(wrong) == "168"
+    assert parse_final_check("168", right) is True and parse_final_check(" 168", right) is True
+    assert parse_final_check("168", wrong) is False
+    assert parse_final_check("170", wrong) is True  # the model's slip: the check is only as good as its copy
+    assert parse_final_check("", right) is None
+    assert parse_final_check("168", "3 × 4 = 12\n12 + 156 = 168\nThe answer is 168.") is False  # no box
+    assert final_check_values("12 + 5 = 17\n\\boxed{1 7}") == ("17", "17")  # spaces do not count
+    no_lines = "so 17 apples\n\\boxed{17}"
+    assert final_check_prompt(no_lines).startswith("Calculation lines:\nnone\n") and final_check_answer(no_lines) == "none"
+    assert parse_final_check("none", no_lines) is False
+
+
+def copy_last_result(message):
+    """What the trained model writes for a final check: the last calculation line's result."""
+    return message.splitlines()[-2].split("= ")[-1]
 
 
 class FakeModule:
-    """Answers verification prompts from a script, as the model would."""
+    """Answers verification prompts from a script, as the model would; final checks by copying
+    the last line's result."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -56,7 +94,9 @@ class FakeModule:
 
     def complete(self, messages, max_new_tokens):
         self.asked += messages
-        return [self.answer(m) for m in messages], [2] * len(messages)
+        self.max_new_tokens = max_new_tokens
+        texts = [copy_last_result(m) if m.startswith("Calculation lines:") else self.answer(m) for m in messages]
+        return texts, [2] * len(messages)
 
 
 def test_self_reward_one_batched_call_and_the_prompt_never_counts_as_a_verdict():
@@ -196,5 +236,10 @@ def test_recompute_scheme_compares_the_models_recomputation_with_each_line():
     # a line no recompute question fits fails, as in the steps scheme
     odd = SelfReward("recompute").score(module, problems[:1], ["1.5 + 2 = 3.5\n3.5 + 1 = 4.5\n\\boxed{4.5}"])
     assert odd.details[0]["calculation"] == [0, 0]
+    # the final check compares the result the model copies with the box, with room to write it
+    boxed_off = good.replace("{17}", "{71}")
+    scores = SelfReward("recompute").score(module, problems[:1], [boxed_off])
+    assert scores.details[0]["answer"] == [0] and scores.rewards == [pytest.approx(1 - 1 / 6)]
+    assert module.max_new_tokens >= FINAL_CHECK_TOKENS
     # a model answering yes/no to a recompute question fails it
     assert SelfReward("recompute").score(FakeModule(lambda m: "yes"), problems[:1], [good]).rewards == [pytest.approx(1 - 2 / 6)]

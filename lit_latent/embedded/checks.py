@@ -1,7 +1,9 @@
 """Checking-task data: candidate solutions, their mechanical labels, and verdict examples.
 
 Every checking example is a user message built by a prompt function of
-``lit_latent.prompts`` and an assistant answer that is exactly ``yes`` or ``no``.
+``lit_latent.prompts`` and an assistant answer that is exactly ``yes`` or ``no``, except the
+two checks where the model works out a number that code compares: the recompute check
+(``recompute_example``) and the final check (``final_example``).
 
 Candidate solutions (``CANDIDATE_KINDS``), each made from a problem's gold solution:
 
@@ -23,7 +25,10 @@ by construction:
 - step check (``step_check_prompt(line)``): yes iff the line ``a op b = c`` is arithmetically
   true (for ``÷``: ``b × c == a``).
 - final check (``final_check_prompt(solution)``): yes iff the solution has a calculation line
-  and a ``\\boxed{}`` answer and the last boxed value equals the last line's result.
+  and a ``\\boxed{}`` answer and the last boxed value equals the last line's result (as text,
+  spaces removed: ``prompts.final_check_values``). The model is trained to answer it with
+  that result (``final_example``), which is compared with the box in code; the label is
+  what that comparison gives when the model copies the result right.
 - operand check (``operand_check_prompt(problem, line)``): yes iff each operand of the line
   is a number stated in the problem or the result of a step of the gold solution.
 - holistic checks (``holistic_check_prompt(check, problem, solution)``):
@@ -52,7 +57,9 @@ from typing import Optional
 from lit_latent.prompts import (
     HOLISTIC_QUESTIONS,
     calculation_lines,
+    final_check_answer,
     final_check_prompt,
+    final_check_values,
     holistic_check_prompt,
     is_answer_line,
     operand_check_prompt,
@@ -96,8 +103,8 @@ def parsed_lines(solution: str) -> list[tuple[int, str, int, int]]:
 
 
 def final_label(solution: str) -> bool:
-    lines, boxed = parsed_lines(solution), boxed_values(solution)
-    return bool(lines) and bool(boxed) and boxed[-1] == str(lines[-1][3])
+    result, boxed = final_check_values(solution)
+    return result is not None and result == boxed
 
 
 def operand_label(problem: dict, line: str) -> bool:
@@ -332,11 +339,30 @@ def check_example(rng: random.Random, problem: dict, task: str, want: Optional[b
         make = lambda s: holistic_check_prompt(check, problem["problem"], s)
     else:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    sol = _candidate_with_label(rng, problem, label, want)
+    return make(sol), label(sol)
+
+
+def _candidate_with_label(rng: random.Random, problem: dict, label, want: bool) -> str:
     for _ in range(30):
         sol = candidate(rng, problem, "correct" if want and rng.random() < 0.5 else _random_kind(rng))
         if label(sol) == want:
             break
-    return make(sol), label(sol)
+    return sol
+
+
+def final_candidate(rng: random.Random, problem: dict, want: Optional[bool] = None) -> tuple[str, bool]:
+    """``(candidate solution, final_label)`` for the final check, aiming at label ``want``."""
+    want = rng.random() < 0.5 if want is None else want
+    sol = _candidate_with_label(rng, problem, final_label, want)
+    return sol, final_label(sol)
+
+
+def final_example(rng: random.Random, problem: dict) -> tuple[str, str]:
+    """``(user prompt, answer)`` for the final check: the calculation lines of a candidate
+    (``final_candidate``) and their last result, as ``prompts.final_check_answer`` writes it."""
+    sol, _ = final_candidate(rng, problem)
+    return final_check_prompt(sol), final_check_answer(sol)
 
 
 def verdict(label: bool) -> str:

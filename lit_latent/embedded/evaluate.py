@@ -23,17 +23,19 @@ import torch
 from lit_latent.prompts import (
     HOLISTIC_QUESTIONS,
     calculation_lines,
+    FINAL_CHECK_TOKENS,
     final_check_prompt,
     holistic_check_prompt,
     math_prompt,
     RECOMPUTE_TOKENS,
+    parse_final_check,
     parse_recomputed,
     parse_verdict,
     recompute_question,
     step_check_prompt,
 )
 from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
-from lit_latent.embedded.checks import TASKS, check_example, line_true, step_line
+from lit_latent.embedded.checks import TASKS, candidate, check_example, final_candidate, final_label, line_true, step_line
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -93,6 +95,14 @@ def ask(model, tok, prompts: Sequence[str], batch_size: int = 128) -> list[Optio
     return [parse_verdict(g) for g in generate(model, tok, prompts, max_new_tokens=3, batch_size=batch_size)]
 
 
+def final_check(model, tok, solutions: Sequence[str], batch_size: int = 128) -> list[Optional[bool]]:
+    """The final check of each solution: the model writes its last line's result
+    (``final_check_prompt``), which passes when it equals the boxed answer."""
+    texts = generate(model, tok, [final_check_prompt(s) for s in solutions], max_new_tokens=FINAL_CHECK_TOKENS,
+                     batch_size=batch_size)
+    return [parse_final_check(t, s) for t, s in zip(texts, solutions)]
+
+
 def recompute(model, tok, lines: Sequence[str], batch_size: int = 128) -> list[Optional[bool]]:
     """The recompute check of each line: the model redoes it column by column and the line
     passes when that gives back the value the line claims; None for a line no column layout
@@ -119,12 +129,19 @@ def check_accuracies(model, tok, problems: Sequence[dict], tasks=TASKS, seed: in
     rng = random.Random(seed)
     res = {}
     for task in tasks:
-        ex = [check_example(rng, p, task, want=(i % 2 == 0)) for i, p in enumerate(problems)]
-        got = ask(model, tok, [e[0] for e in ex])
+        if task == "final":  # the solution, not a prompt: the check compares with its box
+            ex = [final_candidate(rng, p, want=(i % 2 == 0)) for i, p in enumerate(problems)]
+            got = final_check(model, tok, [s for s, _ in ex])
+        else:
+            ex = [check_example(rng, p, task, want=(i % 2 == 0)) for i, p in enumerate(problems)]
+            got = ask(model, tok, [e[0] for e in ex])
         res[task] = sum(g == lab for g, (_, lab) in zip(got, ex)) / len(ex)
     lines = [step_line(rng, p, want=(i % 2 == 0)) for i, p in enumerate(problems)]
     got = recompute(model, tok, lines)
     res["recompute"] = sum(g is line_true(ln) for g, ln in zip(got, lines)) / len(lines)
+    # the final check's real job: a boxed answer that differs from the last line's result
+    wrong_box = [s for s in (candidate(rng, p, "wrong_final") for p in problems) if not final_label(s)]
+    res["final_wrong_box"] = sum(g is False for g in final_check(model, tok, wrong_box)) / len(wrong_box)
     return res
 
 
@@ -134,25 +151,23 @@ def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str
     for i, s in enumerate(solutions):
         for ln in calculation_lines(s):
             prompts.append(step_check_prompt(ln)); owner.append(("step", i, line_true(ln)))
-        prompts.append(final_check_prompt(s)); owner.append(("final", i, None))
         for c in HOLISTIC_QUESTIONS:
             prompts.append(holistic_check_prompt(c, problems[i]["problem"], s)); owner.append((c, i, None))
     got = ask(model, tok, prompts)
+    final_ok = [v is True for v in final_check(model, tok, solutions)]
     own_lines = [(i, ln) for i, s in enumerate(solutions) for ln in calculation_lines(s)]
     redone = recompute(model, tok, [ln for _, ln in own_lines])
     n = len(solutions)
     recompute_ok = [bool(calculation_lines(s)) for s in solutions]
     for (i, ln), v in zip(own_lines, redone):
         recompute_ok[i] &= v is True
-    steps_ok, final_ok = [True] * n, [False] * n
+    steps_ok = [True] * n
     holistic = {c: [False] * n for c in HOLISTIC_QUESTIONS}
     line_hits = []
     for (kind, i, truth), v in zip(owner, got):
         if kind == "step":
             steps_ok[i] &= v is True
             line_hits.append(v is truth)
-        elif kind == "final":
-            final_ok[i] = v is True
         else:
             holistic[kind][i] = v is True
     verdicts = {"steps+final": [a and b for a, b in zip(steps_ok, final_ok)],

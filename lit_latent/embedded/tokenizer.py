@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lit_latent.prompts import math_prompt
-from lit_latent.embedded.checks import TASKS, check_example
+from lit_latent.embedded.checks import TASKS, check_example, final_example
 from lit_latent.embedded.problems import train_problems
 
 EOS, PAD = "<|end|>", "<|pad|>"
@@ -40,6 +40,8 @@ def corpus(n_problems: int = 3000, seed: int = 7) -> Iterable[str]:
             break
         yield math_prompt(p["problem"]) + "\n" + p["solution"]
         yield check_example(rng, p, TASKS[i % len(TASKS)])[0] + "\nyes\nno\nyes\nno"
+        if i % 4 == 0:
+            yield "\n".join(final_example(rng, p))
 
 
 def build_tokenizer(vocab_size: int = 800, n_problems: int = 3000) -> PreTrainedTokenizerFast:

@@ -33,14 +33,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_latent.prompts import math_prompt
 from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
-from lit_latent.embedded.checks import TASKS, check_example, recompute_example, verdict
+from lit_latent.embedded.checks import TASKS, check_example, final_example, recompute_example, verdict
 from lit_latent.embedded.problems import heldout_problems, train_problems
 from lit_latent.embedded.tokenizer import build_tokenizer
 
 # fraction of examples per task; holistic checks share theirs equally. The one-word step check
 # gets none: the recompute check is the step-level check the reward uses, and from scratch it
 # also speeds up solving (45 min: CoT 48.4% with this mix, 36.6% with the older one that gave
-# step checks 22% and recompute none)
+# step checks 22% and recompute none; 31.8% with this mix and the present final check, whose
+# answer is a number: see the model card)
 MIX = {"cot": 0.45, "step": 0.0, "final": 0.12, "operand": 0.05, "holistic": 0.08, "recompute": 0.30}
 # loss weight of a check's verdict token; every solution token weighs 1. A solution has ~40
 # tokens, so checks get ~15% of the gradient instead of ~2% (FEASIBILITY: at 2% they stayed
@@ -50,6 +51,9 @@ VERDICT_WEIGHT = 8.0
 # loss weight of each token of a recompute answer (~9 tokens per column, see
 # prompts.recompute_answer), so a three-column answer weighs about as much as a solution
 RECOMPUTE_WEIGHT = 1.5
+# loss weight of each token of a final check's answer (prompts.final_check_answer: the last
+# line's result, a few digits)
+FINAL_WEIGHT = 2.0
 VAL_SEED = 99
 MODEL_SHAPE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=1024)
@@ -77,6 +81,8 @@ class ExampleStream(IterableDataset):
                 yield task, math_prompt(p["problem"]), p["solution"]
             elif task == "recompute":
                 yield (task, *recompute_example(rng, p))
+            elif task == "final":
+                yield (task, *final_example(rng, p))
             else:
                 task = rng.choice(self.holistic) if task == "holistic" else task
                 prompt, label = check_example(rng, p, task)
@@ -99,6 +105,7 @@ class ExampleStream(IterableDataset):
         weights = torch.zeros((B, width))
         is_check = torch.zeros(B, dtype=torch.bool)
         is_recompute = torch.zeros(B, dtype=torch.bool)
+        is_final = torch.zeros(B, dtype=torch.bool)
         for r, (task, p, a) in enumerate(exs):
             seq = p + a
             ids[r, : len(seq)] = torch.tensor(seq)
@@ -109,13 +116,16 @@ class ExampleStream(IterableDataset):
             elif task == "recompute":
                 weights[r, len(p): len(seq)] = RECOMPUTE_WEIGHT
                 is_recompute[r] = True
+            elif task == "final":
+                weights[r, len(p): len(seq)] = FINAL_WEIGHT
+                is_final[r] = True
             else:
                 # the verdict token carries the example; eos after it is near-free
                 weights[r, len(p): len(seq)] = 0.1
                 weights[r, len(p)] = VERDICT_WEIGHT
                 is_check[r] = True
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights,
-                "is_check": is_check, "is_recompute": is_recompute, "prompt_len": torch.tensor([len(p) for _, p, _ in exs])}
+                "is_check": is_check, "is_recompute": is_recompute, "is_final": is_final, "prompt_len": torch.tensor([len(p) for _, p, _ in exs])}
 
     def __iter__(self):
         rng = random.Random(f"batches-{self.seed}")
@@ -174,7 +184,9 @@ class EmbeddedLM(L.LightningModule):
                 gold = batch["labels"][rows[chk], vpos[chk] + 1]
                 self.stats["check_acc"] = (pred == gold).float().mean().item()
                 self.stats["check_loss"] = ce[rows[chk], vpos[chk]].mean().item()
-            for name, rows_of in (("cot_loss", ~chk & ~batch["is_recompute"]), ("recompute_loss", batch["is_recompute"])):
+            worked = batch["is_recompute"] | batch["is_final"]
+            for name, rows_of in (("cot_loss", ~chk & ~worked), ("recompute_loss", batch["is_recompute"]),
+                                  ("final_loss", batch["is_final"])):
                 if rows_of.any():
                     cw = w[rows_of]
                     self.stats[name] = ((ce[rows_of] * cw).sum() / cw.sum()).item()
