@@ -101,16 +101,21 @@ def final_check_answer(solution: str) -> str:
 
 
 _FIRST_WORD = re.compile(r"\s*(\S+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
 def parse_final_check(generated: str, solution: str) -> Optional[bool]:
-    """The final check's verdict: the result the model wrote (its first word) equals the
-    solution's boxed answer. None when it wrote nothing; False when the solution has no box."""
+    """The final check's verdict: the result the model wrote equals the solution's boxed
+    answer (commas ignored). The result is the first number it wrote (a chat model may say
+    "The result is 168."), else its first word. None when it wrote nothing; False when the
+    solution has no box."""
     m = _FIRST_WORD.match(generated)
     if m is None:
         return None
+    number = _NUMBER.search(generated)
+    written = number.group(0) if number else m.group(1).rstrip(".")
     _, boxed = final_check_values(solution)
-    return boxed is not None and m.group(1).rstrip(".") == boxed
+    return boxed is not None and written.replace(",", "") == boxed.replace(",", "")
 
 
 def operand_check_prompt(problem: str, line: str) -> str:

@@ -72,6 +72,9 @@ def test_final_check_asks_for_the_last_result_and_compares_it_with_the_box():
     assert parse_final_check("168", wrong) is False
     assert parse_final_check("170", wrong) is True  # the model's slip: the check is only as good as its copy
     assert parse_final_check("", right) is None
+    assert parse_final_check("The result is 168.", right) is True  # a chat model's sentence
+    assert parse_final_check("The result is 170.", right) is False
+    assert parse_final_check("1,680", "12 × 140 = 1680\nThe answer is \\boxed{1680}.") is True
     assert parse_final_check("168", "3 × 4 = 12\n12 + 156 = 168\nThe answer is 168.") is False  # no box
     assert final_check_values("12 + 5 = 17\n\\boxed{1 7}") == ("17", "17")  # spaces do not count
     no_lines = "so 17 apples\n\\boxed{17}"
