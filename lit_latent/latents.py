@@ -30,13 +30,15 @@ def token_log_probs(lm_head: nn.Module, latents: Tensor, tokens: Tensor, tempera
 
 def decode_latents(lm_head: nn.Module, latents: Tensor) -> list[int]:
     """The tokens the latents currently decode to: ``argmax lm_head(z_t)``."""
-    with torch.no_grad():
+    # outside autocast: it caches its cast of a leaf that requires grad until the context
+    # ends, so latents updated in place would go on decoding to their first tokens
+    with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):
         return lm_head(latents.to(lm_head.weight.dtype)).argmax(-1).tolist()
 
 
 def sample_latents(lm_head: nn.Module, latents: Tensor, temperature: float, generator: torch.Generator) -> list[int]:
     """A token sequence sampled from the latent policy (one token per latent)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):  # see decode_latents
         probs = torch.softmax(lm_head(latents.to(lm_head.weight.dtype)).float() / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
 

@@ -213,3 +213,22 @@ def test_a_prefix_tried_before_is_not_regenerated_and_answers_match_the_referenc
     drop = lambda r: {k: v for k, v in r.items() if k != "tokens"} | {"candidates": [{k: v for k, v in c.items() if k != "tokens"} for c in r["candidates"]]}
     assert [drop(r) for r in fast] == [drop(r) for r in slow]
     assert all(s["tokens"] > f["tokens"] for f, s in zip(fast, slow))
+
+
+def test_latents_updated_in_place_decode_to_their_new_tokens_under_autocast():
+    # autocast caches its bf16 cast of a leaf that requires grad until the context ends: read
+    # through it, latents stepped in place by Adam kept decoding to their first tokens (the
+    # embedded model under perf.autocast adapted nothing: 0 fixed / 0 broken in 200)
+    from lit_latent.latents import decode_latents, sample_latents
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    z = torch.randn(6, 8).requires_grad_(True)
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = decode_latents(head, z)
+        with torch.no_grad():
+            z.mul_(-1.0)  # an in-place update, as an optimizer step is
+        moved = decode_latents(head, z)
+        sampled = sample_latents(head, z, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    expected = head(z.detach()).argmax(-1).tolist()
+    assert moved == expected == sampled and moved != first
