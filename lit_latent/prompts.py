@@ -74,14 +74,15 @@ def step_check_prompt(line: str) -> str:
 
 # new tokens a final check takes: the result's digits and eos
 FINAL_CHECK_TOKENS = 12
-_BOXED_VALUE = re.compile(r"\\boxed\{([^{}]*)\}")
+# a flat ``\\boxed{...}`` of a worked solution (the embedded model's answers hold no nested braces)
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def final_check_values(solution: str) -> tuple[Optional[str], Optional[str]]:
     """(last line's result, last boxed answer) of a solution, spaces removed; None for a
     solution with no calculation line or no ``\\boxed{}``."""
     lines = calculation_lines(solution)
-    boxed = _BOXED_VALUE.findall(solution)
+    boxed = BOXED.findall(solution)
     result = lines[-1].rsplit("=", 1)[1].replace(" ", "") if lines else None
     return result, (boxed[-1].replace(" ", "") if boxed else None)
 

@@ -55,6 +55,7 @@ import re
 from typing import Optional
 
 from lit_latent.prompts import (
+    BOXED,
     HOLISTIC_QUESTIONS,
     calculation_lines,
     final_check_answer,
@@ -75,8 +76,6 @@ CANDIDATE_KINDS = ("correct", "wrong_step", "wrong_final", "missing_step", "no_b
                    "miscopied_operand", "garbled", "two_answers")
 TASKS = ("step", "final", "operand") + tuple(f"holistic:{c}" for c in HOLISTIC_QUESTIONS)
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
 
 # --- parsing and labels ---------------------------------------------------------------------
 
@@ -95,7 +94,7 @@ def line_true(line: str) -> bool:
 
 
 def boxed_values(solution: str) -> list[str]:
-    return [v.strip() for v in _BOXED.findall(solution)]
+    return [v.strip() for v in BOXED.findall(solution)]
 
 
 def parsed_lines(solution: str) -> list[tuple[int, str, int, int]]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 from typing import Optional, Sequence
 
 import torch
 
 from lit_latent.prompts import (
+    BOXED,
     HOLISTIC_QUESTIONS,
     calculation_lines,
     FINAL_CHECK_TOKENS,
@@ -36,8 +36,6 @@ from lit_latent.prompts import (
 )
 from lit_latent.embedded import HELDOUT_PATH, MODEL_DIR
 from lit_latent.embedded.checks import TASKS, candidate, check_example, final_candidate, final_label, line_true, step_line
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def load(model_dir=MODEL_DIR):
@@ -58,7 +56,7 @@ def read_problems(path=HELDOUT_PATH, n: Optional[int] = None) -> list[dict]:
 
 
 def boxed_answer(text: str) -> Optional[str]:
-    found = _BOXED.findall(text)
+    found = BOXED.findall(text)
     return found[-1].strip() if found else None
 
 
