@@ -18,12 +18,12 @@ import torch
 from math_verify import parse, verify
 from torchmetrics import Metric
 
+from lit_latent.boxed import extract_boxed
+
 # Seconds per math-verify parse/compare on the main thread; a pred like `2^{2^{100}}`
 # would otherwise hang sympy for good.
 MATH_VERIFY_TIMEOUT_S = 5
 
-# `\boxed` / `\fbox`, but not `\boxedfoo`.
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # Thousands-comma numbers first so `1,600` is one match, then decimals/fractions/integers.
 # The minus sign only counts when not directly after a digit: `3-5` gives `5`, not `-5`.
 _NUMBER_RE = re.compile(
@@ -35,50 +35,6 @@ _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ANSWER_LETTER_RE = re.compile(r"(?i:answer)[\s:*]*(?:is\b)?[\s:*]*\(?([A-Z])\)?(?![A-Za-z])")
 _PAREN_LETTER_RE = re.compile(r"\(([A-Z])\)")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
-
-
-def extract_boxed(text: str | None) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed x``.
-
-    Braces are matched (escaped ``\\{`` ``\\}`` skipped) so nested LaTeX such as
-    ``\\frac{1}{2}`` survives. A box left unclosed by a truncated generation is skipped in
-    favour of the previous complete one. Returns None when there is no box.
-    """
-    if not text:
-        return None
-    for match in reversed(list(_BOX_RE.finditer(text))):
-        content = _box_content(text, match.end())
-        if content is not None:
-            return content
-    return None
-
-
-def _box_content(text: str, start: int) -> str | None:
-    """Argument of a box command whose name ends at ``start``; None if malformed."""
-    i = start
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":
-        # `\boxed 5`: TeX takes one token; only valid after a space.
-        token = re.match(r"[^\s$]+", text[i:]) if i > start else None
-        return token.group(0) if token else None
-    depth = 0
-    j = i
-    while j < len(text):
-        ch = text[j]
-        if ch == "\\":
-            j += 2  # `\{` and `\}` are literal braces, not grouping
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-        j += 1
-    return None
 
 
 def extract_answer(text: str | None, choices: int = 0) -> str | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
+from lit_latent.boxed import extract_boxed
+
 SOLVE_INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}."
 CHOICE_INSTRUCTION = "Think step by step, then put the letter of the correct choice in \\boxed{}."
 LETTERS = "ABCDEFGHIJ"
@@ -74,7 +76,8 @@ def step_check_prompt(line: str) -> str:
 
 # new tokens a final check takes: the result's digits and eos
 FINAL_CHECK_TOKENS = 12
-# a flat ``\\boxed{...}`` of a worked solution (the embedded model's answers hold no nested braces)
+# every flat ``\\boxed{...}`` of a worked solution: counts the boxes of the embedded model's
+# candidates (no nested braces there); the final check reads the last box with extract_boxed
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -82,9 +85,9 @@ def final_check_values(solution: str) -> tuple[Optional[str], Optional[str]]:
     """(last line's result, last boxed answer) of a solution, spaces removed; None for a
     solution with no calculation line or no ``\\boxed{}``."""
     lines = calculation_lines(solution)
-    boxed = BOXED.findall(solution)
+    boxed = extract_boxed(solution)
     result = lines[-1].rsplit("=", 1)[1].replace(" ", "") if lines else None
-    return result, (boxed[-1].replace(" ", "") if boxed else None)
+    return result, (boxed.replace(" ", "") if boxed is not None else None)
 
 
 def final_check_prompt(solution: str) -> str:

@@ -82,6 +82,15 @@ def test_final_check_asks_for_the_last_result_and_compares_it_with_the_box():
     assert parse_final_check("none", no_lines) is False
 
 
+def test_final_check_reads_the_last_box_with_nested_braces_as_the_answer_checker_does():
+    # a real model's LaTeX: a flat pattern finds no box in \boxed{\text{12}} and fails it
+    assert final_check_values("6 × 2 = 12\nThe answer is \\boxed{\\text{12}}.") == ("12", "\\text{12}")
+    assert final_check_values("The answer is \\boxed{\\frac{1}{2}}.") == (None, "\\frac{1}{2}")
+    assert final_check_values("7 - 2 = 5\nfirst \\boxed{4}, then \\boxed{5}")[1] == "5"  # the last box counts
+    assert final_check_values("7 - 2 = 5\n\\boxed{5} and \\boxed{6")[1] == "5"  # a box cut off by the budget is skipped
+    assert parse_final_check("5", "7 - 2 = 5\nThe answer is \\boxed{{5}}.") is False  # {5} is not 5 as text
+
+
 def copy_last_result(message):
     """What the trained model writes for a final check: the last calculation line's result."""
     return message.splitlines()[-2].split("= ")[-1]
