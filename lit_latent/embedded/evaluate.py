@@ -184,12 +184,18 @@ def self_agreement(model, tok, problems: Sequence[dict], solutions: Sequence[str
     return res
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--heldout", default=str(HELDOUT_PATH))
-    ap.add_argument("--n", type=int, default=500, help="held-out problems for CoT accuracy and self-agreement")
-    ap.add_argument("--n-checks", type=int, default=300, help="held-out problems per checking task")
+    ap.add_argument("--n", type=positive_int, default=500, help="held-out problems for CoT accuracy and self-agreement")
+    ap.add_argument("--n-checks", type=positive_int, default=300, help="held-out problems per checking task")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
