@@ -246,3 +246,26 @@ def test_final_check_answers_carry_their_own_loss_weight(shipped):
     assert batch["is_final"].tolist() == [True] and batch["is_check"].tolist() == [False]
     assert len(a) == 3 and a[-1] == tok.eos_token_id  # two digits and eos, each FINAL_WEIGHT
     assert batch["weights"][0, len(p): len(p) + len(a)].tolist() == [FINAL_WEIGHT] * 3
+
+
+def test_batches_are_padded_to_a_multiple_of_16_tokens_within_the_token_budget(shipped):
+    from itertools import islice
+
+    from lit_latent.embedded.train import ExampleStream
+
+    _, tok = shipped
+    for batch in islice(iter(ExampleStream(tok, seed=0, max_tokens=2048, pool=64)), 6):
+        rows, width = batch["input_ids"].shape
+        longest = int(batch["attention_mask"].sum(1).max())
+        assert width % 16 == 0 and longest <= width < longest + 16
+        assert rows * width <= 2048 or rows == 1  # the budget counts the padded width
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_evaluate_refuses_a_count_below_one_in_one_line(value, capsys):
+    from lit_latent.embedded.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--n-checks", value])
+    assert exit_info.value.code == 2
+    assert "--n-checks: must be a whole number >= 1" in capsys.readouterr().err
