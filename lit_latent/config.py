@@ -33,6 +33,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n")
 REWARD_KINDS = ("self", "verifier", "majority", "custom")
 SCHEMES = ("latentseek", "latentevolve", "steps", "recompute")
+# what a sampled output's reward Q is compared with in the latent policy gradient (Q - b):
+# mean (the M samples' mean reward), none (b = 0: Q as it is, the papers' formula) or one
+# (b = 1: LatentSeek's [-1, 0] scale, every imperfect sample is pushed away from)
+BASELINES = ("mean", "none", "one")
 
 
 def _positive(name: str, value: Union[int, float, None], allow_zero: bool = False) -> None:
@@ -117,8 +121,8 @@ class LatentConfig:
     """Candidates per step. 1: the paper's greedy decode; M > 1: sample M prefixes (LatentEvolve gradient)."""
     sample_temperature: float = 1.0
     """Temperature of the latent policy when samples > 1."""
-    baseline: bool = True
-    """With samples > 1, subtract the mean reward (the papers have no baseline)."""
+    baseline: str = "mean"
+    """With samples > 1, what each sample's reward is compared with: mean, none or one (LatentSeek's reward - 1)."""
 
     def __post_init__(self) -> None:
         _positive("latent.lr", self.lr)
@@ -129,6 +133,7 @@ class LatentConfig:
         _positive("latent.samples", self.samples)
         _positive("latent.sample_temperature", self.sample_temperature)
         _one_of("latent.answer", self.answer, ("last", "best"))
+        _one_of("latent.baseline", self.baseline, BASELINES)
 
 
 @dataclass
@@ -175,8 +180,8 @@ class EvolveConfig:
     """K: refinement steps at most (paper: 10)."""
     patience: int = 3
     """Stop once the mean reward has not improved for this many steps (paper: 3)."""
-    baseline: bool = True
-    """Subtract the mean reward of the M samples (the paper has no baseline)."""
+    baseline: str = "mean"
+    """What each sample's reward Q is compared with: mean (of the M samples; ours), none (the paper's plain Q) or one (Q - 1, LatentSeek's scale)."""
     archive_threshold: float = 0.5
     """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
     night_every: int = 200
@@ -193,6 +198,7 @@ class EvolveConfig:
         _positive("evolve.sample_temperature", self.sample_temperature)
         _positive("evolve.night_every", self.night_every, allow_zero=True)
         _one_of("evolve.answer", self.answer, ("final", "best"))
+        _one_of("evolve.baseline", self.baseline, BASELINES)
 
 
 @dataclass

@@ -48,6 +48,14 @@ def policy_loss(log_prob_sum: Tensor, advantage: float) -> Tensor:
     return -advantage * log_prob_sum
 
 
+def baseline_value(kind: str, rewards: Sequence[float]) -> float:
+    """``b`` in the advantage ``Q_m - b`` of M sampled outputs (``config.BASELINES``): their mean
+    reward, 0 (the papers' plain Q) or 1 (LatentSeek's ``reward - 1``)."""
+    if kind == "mean":
+        return sum(rewards) / len(rewards)
+    return {"none": 0.0, "one": 1.0}[kind]
+
+
 def keep_through_first_change(decoded: Sequence[int], original: Sequence[int]) -> list[int]:
     """Cut a decoded prefix after its first token that differs from ``original``.
 

@@ -39,6 +39,7 @@ from lit_latent.generation import (
     new_cache,
 )
 from lit_latent.latents import (
+    baseline_value,
     decode_latents,
     keep_through_first_change,
     latent_count,
@@ -457,23 +458,22 @@ class LatentAdaptationModule(L.LightningModule):
                     text, current[i] = tried[i][prefixes[i]]
                     self.add_candidate(records[i], problems[i], text, 0, Scores([current[i]], [0]), 0, latents[i])
             else:
-                # M sampled prefixes per problem, a mean-reward baseline, the best sample is the candidate
+                # M sampled prefixes per problem, Q compared with latent.baseline, the best sample is the candidate
                 m = cfg.samples
-                rows, out, texts, scores = self.sampled_candidates(
+                rows, texts, rewards, spent = self.sampled_candidates(
                     active, m, latents, cfg.sample_temperature, samplers, prompts, problems, state, reward,
-                    cut=lambda i, x: self.prefix(x, original[i]))
+                    cut=lambda i, x: self.prefix(x, original[i]), seen=tried if reuse else None)
                 losses = {}
                 for k, i in enumerate(active):
-                    q = scores.rewards[k * m : (k + 1) * m]
+                    q = rewards[k * m : (k + 1) * m]
                     if self.numerical_error(records[i], "reward", sum(q)):
                         continue
-                    # without a baseline, LatentSeek's scale: reward - 1
-                    base = sum(q) / m if cfg.baseline else 1.0
+                    base = baseline_value(cfg.baseline, q)
                     losses[i] = self.samples_loss(latents[i], [x for _, x in rows[k * m : (k + 1) * m]], q, base, cfg.sample_temperature)
                     best = max(range(m), key=lambda j: (q[j], -j))
                     current[i] = q[best]
-                    spent = sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
-                    self.add_candidate(records[i], problems[i], texts[k * m + best], spent, Scores([q[best]], [0]), 0)
+                    self.add_candidate(records[i], problems[i], texts[k * m + best], sum(spent[k * m : (k + 1) * m]),
+                                       Scores([q[best]], [0]), 0)
                 active = self.optimizer_step(optimizer, latents, losses, records)
                 for i in active:  # what the updated latents now decode to
                     self.note_latents(records[i]["candidates"][-1], latents[i])
@@ -539,7 +539,9 @@ class LatentAdaptationModule(L.LightningModule):
         original = [t[: cfg.latent_count] for t in first.tokens]
         cut = (lambda i, x: keep_through_first_change(x, original[i])) if cfg.regenerate_after_first_change else None
 
-        # 5. refine: M sampled outputs per step, mean-reward baseline, stop after `patience` steps without gain
+        # 5. refine: M sampled outputs per step, Q compared with evolve.baseline, stop after `patience` steps without gain
+        # (a deterministic reward scores each distinct prefix once per problem)
+        seen = [{} for _ in problems] if reward.deterministic and not self.cfg.perf.reference_mode else None
         best = {i: float("-inf") for i in usable}
         stale = {i: 0 for i in usable}
         last_mean = {i: 0.0 for i in usable}
@@ -549,24 +551,23 @@ class LatentAdaptationModule(L.LightningModule):
         for step in range(cfg.max_steps):
             if not active:
                 break
-            rows, out, outs, scores = self.sampled_candidates(
+            rows, outs, rewards, spent = self.sampled_candidates(
                 active, m, latents, cfg.sample_temperature, samplers, prompts, problems,
-                None if self.cfg.perf.reference_mode else state, reward, cut)
+                None if self.cfg.perf.reference_mode else state, reward, cut, seen=seen)
             losses = {}
             for k, i in enumerate(active):
-                q = scores.rewards[k * m : (k + 1) * m]
+                q = rewards[k * m : (k + 1) * m]
                 if self.numerical_error(records[i], "reward", sum(q)):
                     continue
                 mean = sum(q) / m
-                # without a baseline, the paper's plain Q-weighted gradient
-                base = mean if cfg.baseline else 0.0
+                base = baseline_value(cfg.baseline, q)
                 losses[i] = self.samples_loss(latents[i], [x for _, x in rows[k * m : (k + 1) * m]], q, base, cfg.sample_temperature)
                 top = max(range(m), key=lambda j: (q[j], -j))
                 answer, correct = self.judge(problems[i], outs[k * m + top])
                 rec = records[i]
                 rec["rewards"].append(mean)
                 rec["iterations"] += 1
-                rec["tokens"] += sum(out.new_tokens[k * m : (k + 1) * m]) + sum(scores.tokens[k * m : (k + 1) * m])
+                rec["tokens"] += sum(spent[k * m : (k + 1) * m])
                 rec["candidates"].append({"reward": mean, "best_reward": q[top], "answer": answer, "correct": correct})
                 last_mean[i] = mean
                 if mean > best[i]:
@@ -600,18 +601,42 @@ class LatentAdaptationModule(L.LightningModule):
         self.log_rewards([r for r in records if r["rewards"]] or records)
         return records
 
-    def sampled_candidates(self, active, m, latents, temperature, samplers, prompts, problems, state, reward, cut=None):
+    def sampled_candidates(self, active, m, latents, temperature, samplers, prompts, problems, state, reward,
+                           cut=None, seen=None) -> tuple[list, list[str], list[float], list[int]]:
         """M prefixes per active problem sampled from its latent policy, finished by the model
-        and scored: ``[i1, i2] -> rows [i1 x M, i2 x M]``. ``cut`` may shorten each prefix."""
+        and scored: ``[i1, i2] -> rows [i1 x M, i2 x M]``, with per row its text, reward and the
+        tokens spent on it. ``cut`` may shorten each prefix.
+
+        ``seen`` (per problem: prefix -> (text, reward)) is for a deterministic reward: the
+        continuations are greedy, so a prefix met before (in this step or an earlier one) gives
+        the same text and reward, and is neither generated nor scored again (0 tokens). Peaked
+        latents make most of the M samples the same prefix.
+        """
         rows = []
         for i in active:
             for _ in range(m):
                 prefix = sample_latents(self.lm_head, latents[i], temperature, samplers[i])
-                rows.append((i, cut(i, prefix) if cut else prefix))
-        out = self.generate([prompts[i] for i, _ in rows], prefixes=[x for _, x in rows],
-                            prompt_state=state and state.select([i for i, _ in rows]))
-        texts = self.decode(out.tokens)
-        return rows, out, texts, reward.score(self, [problems[i] for i, _ in rows], texts)
+                rows.append((i, tuple(cut(i, prefix) if cut else prefix)))
+        fresh, first_row = [], {}  # rows to generate: the first of each new (problem, prefix)
+        for r, (i, x) in enumerate(rows):
+            if seen is None or (x not in seen[i] and (i, x) not in first_row):
+                fresh.append(r)
+                first_row[(i, x)] = r
+        texts, rewards, spent = [""] * len(rows), [0.0] * len(rows), [0] * len(rows)
+        if fresh:
+            out = self.generate([prompts[rows[r][0]] for r in fresh], prefixes=[list(rows[r][1]) for r in fresh],
+                                prompt_state=state and state.select([rows[r][0] for r in fresh]))
+            fresh_texts = self.decode(out.tokens)
+            scores = reward.score(self, [problems[rows[r][0]] for r in fresh], fresh_texts)
+            for k, r in enumerate(fresh):
+                texts[r], rewards[r] = fresh_texts[k], scores.rewards[k]
+                spent[r] = out.new_tokens[k] + scores.tokens[k]
+                if seen is not None:
+                    seen[rows[r][0]][rows[r][1]] = (texts[r], rewards[r])
+        for r in set(range(len(rows))) - set(fresh):  # met before: the same text and reward, no cost
+            i, x = rows[r]
+            texts[r], rewards[r] = seen[i][x]
+        return [(i, list(x)) for i, x in rows], texts, rewards, spent
 
     def samples_loss(self, latents: torch.Tensor, sampled: list[list[int]], rewards: list[float], base: float, temperature: float) -> torch.Tensor:
         """``-(1/M) sum_m (Q_m - base) log p(x^m | z)`` over M prefixes sampled from the latent policy."""

@@ -9,7 +9,7 @@ import torch
 
 import adapt
 import train
-from callbacks.rewards import RewardCallback, Scores
+from callbacks.rewards import RewardCallback, Scores, VerifierReward
 from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig
 from lit_latent.data import ProblemDataModule
 from lit_latent.module import LatentAdaptationModule
@@ -123,8 +123,9 @@ class FirstStepPays(RewardCallback):
         return Scores(rewards, [0] * len(problems))
 
 
-def evolve_day(model, tokenizer, reward, **evolve):
+def evolve_day(model, tokenizer, reward, reference_mode=False, **evolve):
     cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.perf.reference_mode = reference_mode
     cfg.evolve = EvolveConfig(**{**dict(latent_count=3, samples=2, max_steps=4, patience=3, lr=0.5, night_every=0), **evolve})
     module = LatentAdaptationModule(model, tokenizer, cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reward], inference_mode=False,
@@ -139,14 +140,14 @@ def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, c
     # only the first step's samples pay: "best" keeps the starting latents (z_base: no memory,
     # no weaver), so the answer is the greedy CoT again; "final" answers from the moved latents
     # (no baseline: with one, equal rewards of a step would leave the latents where they are)
-    best = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="best", baseline=False)
+    best = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="best", baseline="none")
     for r in best:
         assert r["rewards"] == [1.0, 0.0, 0.0, 0.0]  # stopped after 3 steps without gain
         assert r["final_mean_reward"] == 1.0 and r["_archive"]["score"] == 1.0
         torch.testing.assert_close(r["_archive"]["z_star"], r["_archive"]["z_base"])
         # the greedy CoT again (cut at max_new_tokens; from the latents it gets that many more)
         assert r["output"].startswith(r["initial_output"])
-    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="final", baseline=False)
+    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="final", baseline="none")
     for r in final:
         assert r["final_mean_reward"] == 0.0 and r["_archive"]["score"] == 0.0
         assert not torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"])
@@ -180,3 +181,31 @@ def test_regenerate_after_first_change_cuts_sampled_prefixes_after_their_first_c
         assert all(cut_after_first_change(p) for p in changed)
     else:
         assert all(len(p) == 3 for p in sampled) and not all(cut_after_first_change(p) for p in changed)
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_a_sampled_prefix_met_before_is_generated_and_scored_once(tiny_model, char_tokenizer, monkeypatch):
+    # cold samples and a step too small to flip a token: every sample of every step is the CoT's
+    # opening, so with a deterministic reward the fast path generates and scores it once per problem
+    calls = []
+    real = LatentAdaptationModule.generate
+    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    fast = evolve_day(tiny_model, char_tokenizer, VerifierReward(), sample_temperature=0.01, lr=1e-6)
+    assert calls == [3, 3, 3]  # the CoT, the one distinct prefix of each problem, the answer from z*
+    assert all(r["iterations"] == 4 for r in fast)  # equal mean rewards: the patience of 3 runs out
+    calls.clear()
+    slow = evolve_day(tiny_model, char_tokenizer, VerifierReward(), reference_mode=True, sample_temperature=0.01, lr=1e-6)
+    assert sum(calls) == 3 + 3 * 2 * 4 + 3  # the reference generates all M = 2 samples of 4 steps
+    keys = ("output", "final_answer", "rewards", "iterations", "final_mean_reward")
+    assert [{k: r[k] for k in keys} for r in fast] == [{k: r[k] for k in keys} for r in slow]
+    assert all(s["tokens"] > f["tokens"] for f, s in zip(fast, slow))
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_baseline_one_pushes_away_from_equal_samples_the_mean_baseline_leaves_alone(tiny_model, char_tokenizer):
+    # the random model answers wrong: every sample earns 0. Against their mean the advantage is
+    # 0 and z* stays z_base; against 1 (LatentSeek's reward - 1) each sample is pushed away from
+    for baseline, moves in (("mean", False), ("none", False), ("one", True)):
+        for r in evolve_day(tiny_model, char_tokenizer, VerifierReward(), sample_temperature=0.01, baseline=baseline):
+            assert set(r["rewards"]) == {0.0}
+            assert torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"]) is not moves, baseline
