@@ -617,11 +617,11 @@ class LatentAdaptationModule(L.LightningModule):
             for _ in range(m):
                 prefix = sample_latents(self.lm_head, latents[i], temperature, samplers[i])
                 rows.append((i, tuple(cut(i, prefix) if cut else prefix)))
-        fresh, first_row = [], {}  # rows to generate: the first of each new (problem, prefix)
+        fresh, picked = [], set()  # rows to generate: the first of each new (problem, prefix)
         for r, (i, x) in enumerate(rows):
-            if seen is None or (x not in seen[i] and (i, x) not in first_row):
+            if seen is None or (x not in seen[i] and (i, x) not in picked):
                 fresh.append(r)
-                first_row[(i, x)] = r
+                picked.add((i, x))
         texts, rewards, spent = [""] * len(rows), [0.0] * len(rows), [0] * len(rows)
         if fresh:
             out = self.generate([prompts[rows[r][0]] for r in fresh], prefixes=[list(rows[r][1]) for r in fresh],
