@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lit_latent.boxed import extract_boxed
 from lit_latent.prompts import (
-    BOXED,
     HOLISTIC_QUESTIONS,
     calculation_lines,
     FINAL_CHECK_TOKENS,
@@ -56,8 +56,8 @@ def read_problems(path=HELDOUT_PATH, n: Optional[int] = None) -> list[dict]:
 
 
 def boxed_answer(text: str) -> Optional[str]:
-    found = BOXED.findall(text)
-    return found[-1].strip() if found else None
+    found = extract_boxed(text)
+    return found.strip() if found is not None else None
 
 
 @torch.no_grad()
