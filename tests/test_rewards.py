@@ -129,6 +129,26 @@ def test_weights_override_and_unknown_criterion():
     assert SelfReward("latentseek", {"answer": 3}).weights["answer"] == 3.0
     with pytest.raises(UserError, match="reward.weights.nonsense"):
         SelfReward("latentseek", {"nonsense": 1})
+    with pytest.raises(UserError, match="reward.weights.answer"):
+        SelfReward("latentseek", {"answer": -1})
+    with pytest.raises(UserError, match="reward.weights: every criterion"):
+        SelfReward("recompute", {c: 0 for c in ("calculation", "answer", "complete", "understood")})
+
+
+def test_a_criterion_of_weight_zero_is_not_asked_and_does_not_count():
+    problems = [{"id": "a", "problem": "p", "answer": "17"}]
+    good = "3 × 4 = 12\n12 + 5 = 17\nThe answer is \\boxed{17}."
+    module = _recomputing_module({})
+    recompute = module.answer
+    # the holistic checks fail a right solution, as the embedded v4 model's mostly do
+    module.answer = lambda m: "no" if recompute(m) == "yes" else recompute(m)
+    full = SelfReward("recompute").score(module, problems, [good])
+    asked_full = len(module.asked)
+    assert full.rewards == [pytest.approx(1 - 3 / 6)]  # complete (2) and understood (1) fail
+    module.asked = []
+    lines_only = SelfReward("recompute", {"complete": 0, "understood": 0}).score(module, problems, [good])
+    assert lines_only.rewards == [1.0]
+    assert len(module.asked) == asked_full - 2 and set(lines_only.details[0]) == {"calculation", "answer"}
 
 
 def test_verifier_uses_labels_and_majority_votes():
