@@ -143,7 +143,7 @@ class RewardConfig:
     scheme: str = "latentseek"
     """For kind=self: latentseek (4 checks), latentevolve (5 criteria), steps (per-line calculation)."""
     weights: dict[str, float] = field(default_factory=dict)
-    """Override check weights, e.g. {calculation: 2}; defaults follow the papers."""
+    """Override check weights, e.g. {calculation: 2}; defaults follow the papers; a weight of 0 drops that check (not asked)."""
     verdict_tokens: int = 4
     """Tokens generated for each verification verdict."""
     majority_samples: int = 8
@@ -190,6 +190,8 @@ class EvolveConfig:
     """Keep a prefix sampled from the latents only up to its first token that differs from the greedy CoT, and regenerate the rest."""
     answer: str = "final"
     """Which latents answer and are archived as z*: final (the last step's, the paper) or best (the step with the highest mean reward, earliest on ties)."""
+    stop_threshold: Optional[float] = None
+    """Score the greedy CoT first and do not refine (nor archive) a problem whose reward reaches this, as LatentSeek stops; null: the paper, every problem is refined."""
 
     def __post_init__(self) -> None:
         for name in ("latent_count", "top_k", "samples", "max_steps", "patience"):

@@ -516,8 +516,16 @@ class LatentAdaptationModule(L.LightningModule):
             records.append(rec)
         e = state.last.float()
         z_base = [h[: cfg.latent_count].detach().float() for h in first.hidden]
+        # evolve.stop_threshold: a CoT the reward already passes is kept as it is (LatentSeek's rule)
+        passed: set[int] = set()
+        if cfg.stop_threshold is not None:
+            cot = reward.score(self, problems, texts)
+            for i, rec in enumerate(records):
+                rec["tokens"] += cot.tokens[i]
+                rec["cot_reward"] = cot.rewards[i]
+            passed = {i for i, q in enumerate(cot.rewards) if q >= cfg.stop_threshold}
         # answers shorter than L' cannot be compared with the memory: they stay greedy CoT
-        usable = [i for i, z in enumerate(z_base) if z.shape[0] == cfg.latent_count]
+        usable = [i for i, z in enumerate(z_base) if z.shape[0] == cfg.latent_count and i not in passed]
 
         # 2-4. weaver, retrieval, momentum transfer
         latents: list[Optional[torch.Tensor]] = [None] * len(problems)
