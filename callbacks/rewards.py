@@ -166,7 +166,7 @@ class SelfReward(RewardCallback):
             if crit not in self.weights:
                 raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(self.weights)})")
             if float(w) < 0:
-                raise UserError(f"config key reward.weights.{crit}: a weight is >= 0 (got {w})")
+                raise UserError(f"config key reward.weights.{crit}: must be >= 0, got {w}")
             self.weights[crit] = float(w)
         # a criterion of weight 0 cannot change the reward, so it is not asked at all
         self.weights = {crit: w for crit, w in self.weights.items() if w > 0}
