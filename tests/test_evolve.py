@@ -9,6 +9,7 @@ import torch
 
 import adapt
 import train
+from custom_rewards import IdReward
 from callbacks.rewards import RewardCallback, Scores, VerifierReward
 from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig
 from lit_latent.data import ProblemDataModule
@@ -211,28 +212,19 @@ def test_baseline_one_pushes_away_from_equal_samples_the_mean_baseline_leaves_al
             assert torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"]) is not moves, baseline
 
 
-class Pays(RewardCallback):
-    """Every candidate earns the same reward."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def score(self, module, problems, completions):
-        return Scores([self.value] * len(problems), [0] * len(problems))
-
-
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_model, char_tokenizer, monkeypatch):
     calls = []
     real = LatentAdaptationModule.generate
     monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
-    kept = evolve_day(tiny_model, char_tokenizer, Pays(0.9), stop_threshold=0.8)
+    every = ["q0", "q1", "q2"]
+    kept = evolve_day(tiny_model, char_tokenizer, IdReward(every), stop_threshold=0.8)
     assert calls == [3]  # the CoT only
     for r in kept:
-        assert r["iterations"] == 0 and r["cot_reward"] == 0.9 and "_archive" not in r
+        assert r["iterations"] == 0 and r["cot_reward"] == 1.0 and "_archive" not in r
         assert r["output"] == r["initial_output"]
     calls.clear()
-    refined = evolve_day(tiny_model, char_tokenizer, Pays(0.5), stop_threshold=0.8)  # under the threshold
+    refined = evolve_day(tiny_model, char_tokenizer, IdReward([]), stop_threshold=0.8)  # under the threshold
     assert all(r["iterations"] > 0 and "_archive" in r for r in refined) and len(calls) > 1
-    paper = evolve_day(tiny_model, char_tokenizer, Pays(0.9))  # null: every problem is refined
+    paper = evolve_day(tiny_model, char_tokenizer, IdReward(every))  # null: every problem is refined
     assert all(r["iterations"] > 0 and "cot_reward" not in r for r in paper)
