@@ -189,7 +189,9 @@ class EvolveConfig:
     regenerate_after_first_change: bool = False
     """Keep a prefix sampled from the latents only up to its first token that differs from the greedy CoT, and regenerate the rest."""
     answer: str = "final"
-    """Which latents answer and are archived as z*: final (the last step's, the paper) or best (the step with the highest mean reward, earliest on ties)."""
+    """Which latents answer and are archived as z*: final (the last step's, the paper) or best (the step with the highest mean reward, earliest on ties); sample: z* as for best, but the answer is the highest-reward output sampled at any step (earliest on ties; with stop_threshold the scored CoT competes and wins ties)."""
+    rho: Optional[float] = None
+    """Refine the first floor(rho * T) latents of a T-token answer (at least L'), as LatentSeek does; the weaver, momentum transfer and memory act on the first L' of them. null: the paper, the L' latents only."""
     stop_threshold: Optional[float] = None
     """Score the greedy CoT first and do not refine (nor archive) a problem whose reward reaches this, as LatentSeek stops; null: the paper, every problem is refined."""
 
@@ -199,7 +201,9 @@ class EvolveConfig:
         _positive("evolve.lr", self.lr)
         _positive("evolve.sample_temperature", self.sample_temperature)
         _positive("evolve.night_every", self.night_every, allow_zero=True)
-        _one_of("evolve.answer", self.answer, ("final", "best"))
+        _one_of("evolve.answer", self.answer, ("final", "best", "sample"))
+        if self.rho is not None and not 0 < self.rho <= 1:
+            raise UserError(f"config key evolve.rho: must be in (0, 1] or null, got {self.rho}")
         _one_of("evolve.baseline", self.baseline, BASELINES)
 
 

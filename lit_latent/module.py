@@ -540,11 +540,14 @@ class LatentAdaptationModule(L.LightningModule):
                     nb = found[k]
                     z0 = momentum_init(z0, nb.e, e[i], nb.z_star, nb.z_base)
                     records[i]["neighbours"] = list(nb.ids)
-                latents[i] = z0.detach().clone().requires_grad_(True)
+                # evolve.rho: the answer's later latents are refined too, from the CoT's own
+                refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
+                tail = first.hidden[i][cfg.latent_count : refined].float()
+                latents[i] = torch.cat([z0, tail]).detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z for z in latents if z is not None], lr=cfg.lr) if usable else None
         samplers = [self.generator(p["id"], "evolve") for p in problems]
         # evolve.regenerate_after_first_change: a prefix ends at its first token that differs from the CoT's
-        original = [t[: cfg.latent_count] for t in first.tokens]
+        original = [t[: len(z)] if z is not None else [] for t, z in zip(first.tokens, latents)]
         cut = (lambda i, x: keep_through_first_change(x, original[i])) if cfg.regenerate_after_first_change else None
 
         # 5. refine: M sampled outputs per step, Q compared with evolve.baseline, stop after `patience` steps without gain
@@ -555,6 +558,8 @@ class LatentAdaptationModule(L.LightningModule):
         last_mean = {i: 0.0 for i in usable}
         # evolve.answer=best: the latents whose M samples scored the highest mean, and that mean
         best_latents = {i: latents[i].detach().clone() for i in usable}
+        # evolve.answer=sample: the highest-reward output so far, (reward, text); the scored CoT starts it
+        best_sample = {i: (records[i].get("cot_reward", float("-inf")), None) for i in usable}
         active = list(usable)
         for step in range(cfg.max_steps):
             if not active:
@@ -578,6 +583,8 @@ class LatentAdaptationModule(L.LightningModule):
                 rec["tokens"] += sum(spent[k * m : (k + 1) * m])
                 rec["candidates"].append({"reward": mean, "best_reward": q[top], "answer": answer, "correct": correct})
                 last_mean[i] = mean
+                if q[top] > best_sample[i][0]:
+                    best_sample[i] = (q[top], outs[k * m + top])
                 if mean > best[i]:
                     best[i], stale[i] = mean, 0
                     best_latents[i] = latents[i].detach().clone()
@@ -585,27 +592,32 @@ class LatentAdaptationModule(L.LightningModule):
                     stale[i] += 1
             active = [i for i in self.optimizer_step(optimizer, latents, losses, records) if stale[i] < cfg.patience]
 
-        # 6. answer greedily from z*
-        if usable and cfg.answer == "best":
+        # 6. answer greedily from z* (evolve.answer=sample: the best sampled output instead)
+        if usable and cfg.answer in ("best", "sample"):
             for i in usable:
                 if records[i]["rewards"]:
                     latents[i], last_mean[i] = best_latents[i], best[i]
         if usable:
-            prefixes = [decode_latents(head, latents[i]) for i in usable]
-            if cut:
-                prefixes = [cut(i, x) for i, x in zip(usable, prefixes)]
-            out = self.generate([prompts[i] for i in usable], prefixes=prefixes,
-                                prompt_state=None if self.cfg.perf.reference_mode else state.select(usable))
+            if cfg.answer == "sample":
+                texts = [records[i]["output"] if best_sample[i][1] is None else best_sample[i][1] for i in usable]
+                new_tokens = [0] * len(usable)
+            else:
+                prefixes = [decode_latents(head, latents[i]) for i in usable]
+                if cut:
+                    prefixes = [cut(i, x) for i, x in zip(usable, prefixes)]
+                out = self.generate([prompts[i] for i in usable], prefixes=prefixes,
+                                    prompt_state=None if self.cfg.perf.reference_mode else state.select(usable))
+                texts, new_tokens = self.decode(out.tokens), out.new_tokens
             for k, i in enumerate(usable):
-                text = self.decode([out.tokens[k]])[0]
-                answer, correct = self.judge(problems[i], text)
+                answer, correct = self.judge(problems[i], texts[k])
                 rec = records[i]
-                rec.update(output=text, final_answer=answer, correct=correct)
-                rec["tokens"] += out.new_tokens[k]
+                rec.update(output=texts[k], final_answer=answer, correct=correct)
+                rec["tokens"] += new_tokens[k]
                 rec["final_mean_reward"] = last_mean[i]
                 self.note_latents(rec, latents[i])
-                # 7. what the memory callback archives (when final_mean_reward >= tau)
-                rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": latents[i].detach().cpu(), "score": last_mean[i]}
+                # 7. what the memory callback archives (when final_mean_reward >= tau): the memory's L' latents
+                z_star = latents[i][: cfg.latent_count].detach().cpu()
+                rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": z_star, "score": last_mean[i]}
         self.log_rewards([r for r in records if r["rewards"]] or records)
         return records
 

@@ -228,3 +228,58 @@ def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_m
     assert all(r["iterations"] > 0 and "_archive" in r for r in refined) and len(calls) > 1
     paper = evolve_day(tiny_model, char_tokenizer, IdReward(every))  # null: every problem is refined
     assert all(r["iterations"] > 0 and "cot_reward" not in r for r in paper)
+
+
+class TextReward(RewardCallback):
+    """A fixed pseudo-random reward in [0, 0.5) per text; the first text scored for a problem
+    (with evolve.stop_threshold: its CoT) earns ``first`` instead."""
+
+    deterministic = True
+
+    def __init__(self, first: float = 0.0):
+        self.first = first
+        self.seen: set[str] = set()
+        self.scored: dict[str, float] = {}
+
+    def score(self, module, problems, completions):
+        rewards = []
+        for p, text in zip(problems, completions):
+            q = self.first if p["id"] not in self.seen and self.first else sum(map(ord, text)) % 50 / 100
+            self.seen.add(p["id"])
+            self.scored.setdefault(text, q)
+            rewards.append(q)
+        return Scores(rewards, [0] * len(problems))
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+@pytest.mark.parametrize("rho", [None, 1.0])
+def test_rho_refines_the_answers_later_latents_and_the_memory_keeps_the_first(tiny_model, char_tokenizer, monkeypatch, rho):
+    # the random model writes max_new_tokens = 8 tokens: rho 1.0 refines all 8 latents, the
+    # paper's null the first L' = 3; either way z* (what the memory archives) is L' latents long
+    prefixes = []
+    real = LatentAdaptationModule.generate
+    monkeypatch.setattr(LatentAdaptationModule, "generate",
+                        lambda self, prompts, **kw: prefixes.extend(kw.get("prefixes") or []) or real(self, prompts, **kw))
+    records = evolve_day(tiny_model, char_tokenizer, TextReward(), rho=rho, sample_temperature=50.0)
+    refined = 8 if rho else 3
+    assert {len(p) for p in prefixes} == {refined}
+    for r in records:
+        assert len(r["latent_tokens"]) == refined
+        assert r["_archive"]["z_star"].shape == r["_archive"]["z_base"].shape == (3, 32)
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_answer_sample_answers_with_the_best_scored_sample_and_the_cot_wins_ties(tiny_model, char_tokenizer, monkeypatch):
+    calls = []
+    real = LatentAdaptationModule.generate
+    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    reward = TextReward()
+    records = evolve_day(tiny_model, char_tokenizer, reward, answer="sample", sample_temperature=50.0)
+    assert len(calls) == 1 + 4  # the CoT and 4 steps of samples; nothing is generated from z*
+    for r in records:
+        best = max(c["best_reward"] for c in r["candidates"])
+        assert reward.scored[r["output"]] == best
+        assert best > min(c["best_reward"] for c in r["candidates"])  # the samples differ: a real choice
+    # the scored CoT (0.6 > any sample's 0.49, under the 0.8 threshold) competes, and wins
+    kept = evolve_day(tiny_model, char_tokenizer, TextReward(first=0.6), answer="sample", stop_threshold=0.8, sample_temperature=50.0)
+    assert all(r["iterations"] > 0 and r["output"] == r["initial_output"] for r in kept)
