@@ -15,8 +15,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from lit_latent.config import ModelConfig, UserError
+
+# the KV cache's argument and output field: transformers 5.2x renamed past_key_values to cache
+# (the old name still works there, with a warning on every run, and is to go in 5.40)
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,8 +226,8 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                           past_key_values=new_cache(model, room=256), use_cache=True)
-    return PromptState(out.past_key_values, mask, out.last_hidden_state[:, -1])
+                           use_cache=True, **{CACHE: new_cache(model, room=256)})
+    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
 
 
 @torch.no_grad()
@@ -234,12 +239,12 @@ def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], p
     block, block_mask = _left_pad(blocks, pad_id, state.mask.device)
     mask = torch.cat([state.mask, block_mask], dim=1)
     out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
-                           past_key_values=state.cache, use_cache=True)
+                           use_cache=True, **{CACHE: state.cache})
     last = out.last_hidden_state[:, -1]
     if not all(len(b) for b in blocks):
         has_block = torch.tensor([len(b) > 0 for b in blocks], device=last.device)
         last = torch.where(has_block[:, None], last, state.last)
-    return PromptState(out.past_key_values, mask, last), out.last_hidden_state
+    return PromptState(getattr(out, CACHE), mask, last), out.last_hidden_state
 
 
 @torch.no_grad()
@@ -283,8 +288,8 @@ def generate(
         rows = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
         ids, mask = _left_pad(rows, pad_id, device)
         out = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=use_cache,
-                       past_key_values=new_cache(model, room=min(max_new_tokens, 256)) if use_cache else None)
-        cache = out.past_key_values if use_cache else None
+                       **{CACHE: new_cache(model, room=min(max_new_tokens, 256)) if use_cache else None})
+        cache = getattr(out, CACHE) if use_cache else None
         states = out.last_hidden_state  # [B, S, d]
         if return_hidden:
             width = ids.shape[1]
@@ -352,8 +357,8 @@ def generate(
             pos = _positions(all_mask)[:, -1:]
             # the step's mask ready-made: transformers would rebuild it from the 2D mask at every step
             step_mask = _additive(all_mask.bool()[:, None, None, :], dtype) if full_attention(cache) else all_mask
-            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos, use_cache=True, **{CACHE: cache})
+            cache = getattr(out, CACHE)
         else:
             all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
             out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
@@ -424,7 +429,7 @@ def generate_branches(
     cache = copy.copy(state.cache)
     cache.layers = [copy.copy(layer) for layer in state.cache.layers]  # write past the opening only
     out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype),
-                           position_ids=opening_len[:, None] + offset, past_key_values=cache, use_cache=True)
+                           position_ids=opening_len[:, None] + offset, use_cache=True, **{CACHE: cache})
     last = out.last_hidden_state.gather(1, ends[:, :, None].expand(B, K, out.last_hidden_state.shape[-1]))
     lm_head = model.get_output_embeddings()
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
@@ -450,8 +455,8 @@ def generate_branches(
         step_sees = torch.cat([opening[:, 0].expand(B, K, S), own_block, own_gen], dim=-1)[:, None]
         out = model.base_model(input_ids=torch.where(done, torch.full_like(nxt, pad_id), nxt),
                                attention_mask=_additive(step_sees, dtype),
-                               position_ids=opening_len[:, None] + tail_len + step, past_key_values=out.past_key_values,
-                               use_cache=True)
+                               position_ids=opening_len[:, None] + tail_len + step, use_cache=True,
+                               **{CACHE: getattr(out, CACHE)})
         last = out.last_hidden_state
     tokens = [[[t for t in generated[g, k].tolist() if t >= 0] for k in range(len(b))] for g, b in enumerate(branches)]
     return tokens, [[int(counts[g, k]) for k in range(len(b))] for g, b in enumerate(branches)]
