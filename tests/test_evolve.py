@@ -269,7 +269,7 @@ def test_rho_refines_the_answers_later_latents_and_the_memory_keeps_the_first(ti
 
 
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
-def test_answer_sample_answers_with_the_best_scored_sample_and_the_cot_wins_ties(tiny_model, char_tokenizer, monkeypatch):
+def test_answer_sample_answers_with_the_best_scored_sample_and_keeps_a_better_scored_cot(tiny_model, char_tokenizer, monkeypatch):
     calls = []
     real = LatentAdaptationModule.generate
     monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
