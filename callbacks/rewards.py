@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from lightning.pytorch.callbacks import Callback
 
 from lit_latent.answers import extract_answer, is_equivalent
-from lit_latent.config import RewardConfig, UserError
+from lit_latent.config import RewardConfig, UserError, _positive
 from lit_latent.data import num_choices
 from lit_latent.prompts import (
     calculation_lines,
@@ -165,8 +165,7 @@ class SelfReward(RewardCallback):
         for crit, w in (weights or {}).items():
             if crit not in self.weights:
                 raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(self.weights)})")
-            if float(w) < 0:
-                raise UserError(f"config key reward.weights.{crit}: must be >= 0, got {w}")
+            _positive(f"reward.weights.{crit}", float(w), allow_zero=True)
             self.weights[crit] = float(w)
         # a criterion of weight 0 cannot change the reward, so it is not asked at all
         self.weights = {crit: w for crit, w in self.weights.items() if w > 0}

@@ -599,7 +599,7 @@ class LatentAdaptationModule(L.LightningModule):
                     latents[i], last_mean[i] = best_latents[i], best[i]
         if usable:
             if cfg.answer == "sample":
-                texts = [records[i]["output"] if best_sample[i][1] is None else best_sample[i][1] for i in usable]
+                final_texts = [records[i]["output"] if best_sample[i][1] is None else best_sample[i][1] for i in usable]
                 new_tokens = [0] * len(usable)
             else:
                 prefixes = [decode_latents(head, latents[i]) for i in usable]
@@ -607,11 +607,11 @@ class LatentAdaptationModule(L.LightningModule):
                     prefixes = [cut(i, x) for i, x in zip(usable, prefixes)]
                 out = self.generate([prompts[i] for i in usable], prefixes=prefixes,
                                     prompt_state=None if self.cfg.perf.reference_mode else state.select(usable))
-                texts, new_tokens = self.decode(out.tokens), out.new_tokens
+                final_texts, new_tokens = self.decode(out.tokens), out.new_tokens
             for k, i in enumerate(usable):
-                answer, correct = self.judge(problems[i], texts[k])
+                answer, correct = self.judge(problems[i], final_texts[k])
                 rec = records[i]
-                rec.update(output=texts[k], final_answer=answer, correct=correct)
+                rec.update(output=final_texts[k], final_answer=answer, correct=correct)
                 rec["tokens"] += new_tokens[k]
                 rec["final_mean_reward"] = last_mean[i]
                 self.note_latents(rec, latents[i])

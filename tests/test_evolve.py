@@ -136,6 +136,14 @@ def evolve_day(model, tokenizer, reward, reference_mode=False, **evolve):
     return [r for batch in out for r in batch]
 
 
+def generate_batches(monkeypatch) -> list[int]:
+    """The batch size of every LatentAdaptationModule.generate call from now on, in order."""
+    calls: list[int] = []
+    real = LatentAdaptationModule.generate
+    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, char_tokenizer):
     # only the first step's samples pay: "best" keeps the starting latents (z_base: no memory,
@@ -188,9 +196,7 @@ def test_regenerate_after_first_change_cuts_sampled_prefixes_after_their_first_c
 def test_a_sampled_prefix_met_before_is_generated_and_scored_once(tiny_model, char_tokenizer, monkeypatch):
     # cold samples and a step too small to flip a token: every sample of every step is the CoT's
     # opening, so with a deterministic reward the fast path generates and scores it once per problem
-    calls = []
-    real = LatentAdaptationModule.generate
-    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    calls = generate_batches(monkeypatch)
     fast = evolve_day(tiny_model, char_tokenizer, VerifierReward(), sample_temperature=0.01, lr=1e-6)
     assert calls == [3, 3, 3]  # the CoT, the one distinct prefix of each problem, the answer from z*
     assert all(r["iterations"] == 4 for r in fast)  # equal mean rewards: the patience of 3 runs out
@@ -214,9 +220,7 @@ def test_baseline_one_pushes_away_from_equal_samples_the_mean_baseline_leaves_al
 
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_model, char_tokenizer, monkeypatch):
-    calls = []
-    real = LatentAdaptationModule.generate
-    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    calls = generate_batches(monkeypatch)
     every = ["q0", "q1", "q2"]
     kept = evolve_day(tiny_model, char_tokenizer, IdReward(every), stop_threshold=0.8)
     assert calls == [3]  # the CoT only
@@ -270,9 +274,7 @@ def test_rho_refines_the_answers_later_latents_and_the_memory_keeps_the_first(ti
 
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_answer_sample_answers_with_the_best_scored_sample_and_keeps_a_better_scored_cot(tiny_model, char_tokenizer, monkeypatch):
-    calls = []
-    real = LatentAdaptationModule.generate
-    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    calls = generate_batches(monkeypatch)
     reward = TextReward()
     records = evolve_day(tiny_model, char_tokenizer, reward, answer="sample", sample_temperature=50.0)
     assert len(calls) == 1 + 4  # the CoT and 4 steps of samples; nothing is generated from z*
