@@ -35,12 +35,13 @@ def main(argv: list[str]) -> dict:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    from callbacks.rewards import make_reward
+    from callbacks.rewards import ForgetFinishedProblems
     from callbacks.writer import PredictionWriter, merge_rank_files
     from lit_latent.data import ProblemDataModule, read_problems
     from lit_latent.generation import load_model
-    from lit_latent.module import LatentAdaptationModule
+    from lit_latent.module import NEEDS_REWARD, LatentAdaptationModule
     from lit_latent.results import read_records
+    from lit_latent.rewards import make_reward
 
     problems = read_problems(cfg.data.path, cfg.data.limit, require_choices=cfg.data.prompt == "choice")
     run_dir = prepare_run_dir(cfg)
@@ -52,9 +53,10 @@ def main(argv: list[str]) -> dict:
 
     writer = PredictionWriter(run_dir)
     callbacks = [TQDMProgressBar()]
-    if cfg.method in ("latentseek", "resample", "best_of_n", "latentevolve"):
-        callbacks.append(make_reward(cfg.reward))
-    module = LatentAdaptationModule(model, tokenizer, cfg)
+    reward = make_reward(cfg.reward) if cfg.method in NEEDS_REWARD else None
+    if reward is not None:
+        callbacks.append(ForgetFinishedProblems(reward))
+    module = LatentAdaptationModule(model, tokenizer, cfg, reward)
     if cfg.method == "latentevolve":
         callbacks += setup_latent_evolve(cfg, module, run_dir, problems_done=len(done))
     callbacks.append(writer)  # after the memory callbacks: they annotate the records before they are written

@@ -73,13 +73,13 @@ class PeakMemory:
 def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool, reward=None) -> dict:
     import lightning as L
 
-    from callbacks.rewards import make_reward
+    from lit_latent.rewards import make_reward
     from lit_latent.data import ProblemDataModule
     from lit_latent.module import LatentAdaptationModule
 
     cfg: AdaptConfig = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek.yaml")], overrides)
-    module = LatentAdaptationModule(model, tokenizer, cfg)
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, callbacks=[reward or make_reward(cfg.reward)],
+    module = LatentAdaptationModule(model, tokenizer, cfg, reward or make_reward(cfg.reward))
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
                         inference_mode=False, enable_progress_bar=False, enable_model_summary=False)
     batch = 1 if cfg.perf.reference_mode else cfg.data.batch_size
     with PeakMemory(cuda) as mem:
@@ -101,12 +101,12 @@ def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool, rew
 
 
 def never_pass_reward():
-    from callbacks.rewards import RewardCallback, Scores
+    from lit_latent.rewards import Reward, Scores
 
-    class NeverPass(RewardCallback):
+    class NeverPass(Reward):
         """Reward 0 for everything: every problem runs latent.max_iterations iterations."""
 
-        def score(self, module, problems, completions):
+        def score(self, engine, problems, completions):
             return Scores([0.0] * len(problems), [0] * len(problems))
 
     return NeverPass()

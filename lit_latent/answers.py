@@ -1,4 +1,4 @@
-"""Final-answer extraction and equivalence checking (ALGORITHMS.md §4).
+"""Final-answer extraction and equivalence checking (docs/algorithms.md §4).
 
 Answers are taken from the last ``\\boxed{...}`` (fallback: the last number, or the last
 choice letter for multiple choice) and compared with the gold answer by mathematical

@@ -101,39 +101,60 @@ class GenerationConfig:
             raise UserError(f"config key generation.top_p: must be in (0, 1], got {self.top_p}")
 
 
+ANSWERS = ("last", "best", "sample")
+
+
 @dataclass
-class LatentConfig:
+class SearchConfig:
+    """The latent search settings LatentSeek (``latent.*``) and LatentEvolve (``evolve.*``) share."""
+
     lr: float = 0.03
-    """Adam learning rate on the latents (paper: 0.03)."""
-    rho: float = 0.2
-    """Fraction of the answer's latents optimized: L = min(floor(rho * T), max_latents)."""
+    """Adam learning rate on the latents (LatentSeek paper: 0.03; LatentEvolve's eta: 0.3)."""
+    rho: Optional[float] = 0.2
+    """Fraction of the answer's latents optimized: the first floor(rho * T) of a T-token answer. LatentEvolve: at least L', null: the paper, the L' latents only."""
+    samples: int = 1
+    """Prefixes sampled from the latent policy per step. 1: LatentSeek's greedy decode; M > 1: M samples, the gradient of LatentEvolve (paper: 8)."""
+    sample_temperature: float = 1.0
+    """Temperature of the latent policy when samples > 1."""
+    baseline: str = "mean"
+    """With samples > 1, what each sample's reward Q is compared with: mean (of the M samples; ours), none (the paper's plain Q) or one (Q - 1, LatentSeek's scale)."""
+    stop_threshold: Optional[float] = 0.8
+    """Stop once reward >= this, on our [0, 1] scale (LatentSeek: -0.2 on [-1, 0], i.e. 0.8). LatentEvolve scores the greedy CoT first and keeps one that passes; null: refine every problem (its paper)."""
+    regenerate_after_first_change: bool = False
+    """Keep a decoded or sampled prefix only up to its first token that differs from the greedy CoT, and regenerate the rest."""
+    answer: str = "last"
+    """The answer: last (the papers: LatentSeek's last candidate, LatentEvolve's greedy answer from the last step's latents), best (the highest-reward candidate, earliest on ties, the initial one included; LatentEvolve: greedy from the step with the best mean reward) or sample (LatentEvolve: the highest-reward output sampled at any step)."""
+
+    def check(self, section: str) -> None:
+        _positive(f"{section}.lr", self.lr)
+        if self.rho is not None and not 0 < self.rho <= 1:
+            raise UserError(f"config key {section}.rho: must be in (0, 1] or null, got {self.rho}")
+        _positive(f"{section}.samples", self.samples)
+        _positive(f"{section}.sample_temperature", self.sample_temperature)
+        _one_of(f"{section}.baseline", self.baseline, BASELINES)
+        if self.answer == "final":
+            raise UserError(f"config key {section}.answer: 'final' is now called 'last' (one of {', '.join(ANSWERS)})")
+        _one_of(f"{section}.answer", self.answer, ANSWERS)
+
+
+@dataclass
+class LatentConfig(SearchConfig):
+    """LatentSeek (docs/algorithms.md §1)."""
+
     max_latents: int = 300
     """L_max, the cap on optimized latents (paper: 300)."""
     max_iterations: int = 10
     """K, policy-gradient iterations per problem (paper: 10)."""
-    stop_threshold: float = 0.8
-    """Stop once reward >= this, on our [0, 1] scale (paper: -0.2 on [-1, 0], i.e. 0.8)."""
-    regenerate_after_first_change: bool = False
-    """Keep the decoded prefix only up to its first changed token and regenerate the rest."""
-    answer: str = "last"
-    """Which candidate is the answer: last (the paper) or best (highest reward, earliest on ties, the initial one included)."""
-    samples: int = 1
-    """Candidates per step. 1: the paper's greedy decode; M > 1: sample M prefixes (LatentEvolve gradient)."""
-    sample_temperature: float = 1.0
-    """Temperature of the latent policy when samples > 1."""
-    baseline: str = "mean"
-    """With samples > 1, what each sample's reward is compared with: mean, none or one (LatentSeek's reward - 1)."""
 
     def __post_init__(self) -> None:
-        _positive("latent.lr", self.lr)
-        if not 0 < self.rho <= 1:
-            raise UserError(f"config key latent.rho: must be in (0, 1], got {self.rho}")
+        self.check("latent")
+        if self.rho is None:
+            raise UserError("config key latent.rho: must be in (0, 1], got null")
         _positive("latent.max_latents", self.max_latents)
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
-        _positive("latent.samples", self.samples)
-        _positive("latent.sample_temperature", self.sample_temperature)
-        _one_of("latent.answer", self.answer, ("last", "best"))
-        _one_of("latent.baseline", self.baseline, BASELINES)
+        if self.answer == "sample":
+            raise UserError("config key latent.answer: 'sample' is LatentEvolve's; LatentSeek's candidates are "
+                            "already the best sample of each step (use best)")
 
 
 @dataclass
@@ -149,7 +170,7 @@ class RewardConfig:
     majority_samples: int = 8
     """For kind=majority: sampled answers that vote."""
     class_path: Optional[str] = None
-    """For kind=custom: import path of a RewardCallback subclass."""
+    """For kind=custom: import path of a lit_latent.rewards.Reward subclass."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """For kind=custom: keyword arguments of class_path."""
 
@@ -163,48 +184,32 @@ class RewardConfig:
 
 
 @dataclass
-class EvolveConfig:
-    """LatentEvolve's daytime (ALGORITHMS.md §2)."""
+class EvolveConfig(SearchConfig):
+    """LatentEvolve's daytime (docs/algorithms.md §2)."""
 
+    # the paper's values where they differ from LatentSeek's (the shared fields are documented above)
+    lr: float = 0.3
+    rho: Optional[float] = None
+    samples: int = 8
+    stop_threshold: Optional[float] = None
     latent_count: int = 15
     """L': latents of the greedy CoT kept as z_base (paper: 15; its ablation found 30 slightly better)."""
     top_k: int = 5
     """Neighbours retrieved from the episodic memory for momentum transfer (paper: not given)."""
-    samples: int = 8
-    """M: sampled outputs per refinement step (paper: 8)."""
-    sample_temperature: float = 1.0
-    """Temperature of the latent policy when sampling the M outputs."""
-    lr: float = 0.3
-    """eta, step size of the refinement (paper: 0.3), used as Adam's learning rate."""
     max_steps: int = 10
     """K: refinement steps at most (paper: 10)."""
     patience: int = 3
     """Stop once the mean reward has not improved for this many steps (paper: 3)."""
-    baseline: str = "mean"
-    """What each sample's reward Q is compared with: mean (of the M samples; ours), none (the paper's plain Q) or one (Q - 1, LatentSeek's scale)."""
     archive_threshold: float = 0.5
     """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
     night_every: int = 200
     """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
-    regenerate_after_first_change: bool = False
-    """Keep a prefix sampled from the latents only up to its first token that differs from the greedy CoT, and regenerate the rest."""
-    answer: str = "final"
-    """Which latents answer and are archived as z*: final (the last step's, the paper) or best (the step with the highest mean reward, earliest on ties); sample: z* as for best, but the answer is the highest-reward output sampled at any step (earliest on ties; with stop_threshold the scored CoT competes and wins ties)."""
-    rho: Optional[float] = None
-    """Refine the first floor(rho * T) latents of a T-token answer (at least L'), as LatentSeek does; the weaver, momentum transfer and memory act on the first L' of them. null: the paper, the L' latents only."""
-    stop_threshold: Optional[float] = None
-    """Score the greedy CoT first and do not refine (nor archive) a problem whose reward reaches this, as LatentSeek stops; null: the paper, every problem is refined."""
 
     def __post_init__(self) -> None:
-        for name in ("latent_count", "top_k", "samples", "max_steps", "patience"):
+        self.check("evolve")
+        for name in ("latent_count", "top_k", "max_steps", "patience"):
             _positive(f"evolve.{name}", getattr(self, name))
-        _positive("evolve.lr", self.lr)
-        _positive("evolve.sample_temperature", self.sample_temperature)
         _positive("evolve.night_every", self.night_every, allow_zero=True)
-        _one_of("evolve.answer", self.answer, ("final", "best", "sample"))
-        if self.rho is not None and not 0 < self.rho <= 1:
-            raise UserError(f"config key evolve.rho: must be in (0, 1] or null, got {self.rho}")
-        _one_of("evolve.baseline", self.baseline, BASELINES)
 
 
 @dataclass
@@ -439,7 +444,7 @@ def help_text(schema: type, command: str) -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             else:
-                doc = docs.get((type(obj).__name__, f.name), "")
+                doc = next((docs[(c.__name__, f.name)] for c in type(obj).__mro__ if (c.__name__, f.name) in docs), "")
                 lines.append(f"  {prefix}{f.name}={OmegaConf.to_yaml(value).strip() if isinstance(value, (dict, list)) else value}  {doc}")
 
     walk(schema(), "")

@@ -1,7 +1,7 @@
 """Model loading and the batched decoding loop that the latent methods need.
 
 ``generate`` returns, besides the tokens, the last-layer hidden state *after the final norm*
-that produced every generated token: the latents of ALGORITHMS.md, the vectors that
+that produced every generated token: the latents of docs/algorithms.md, the vectors that
 ``lm_head`` turns into logits (``lm_head(hidden[t]).argmax() == tokens[t]`` under greedy).
 """
 

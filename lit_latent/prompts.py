@@ -32,7 +32,7 @@ def choice_prompt(problem: str, choices: Sequence[str]) -> str:
 
 # --- Verification -------------------------------------------------------------------------
 # Holistic checks see the whole problem and solution. Their wording is ours; the criteria
-# and weights follow the papers (ALGORITHMS.md §1 and §2), the weights live in the config.
+# and weights follow the papers (docs/algorithms.md §1 and §2), the weights live in the config.
 
 VERDICT_INSTRUCTION = "Answer yes or no."
 

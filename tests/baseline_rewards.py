@@ -2,7 +2,7 @@
 
 import zlib
 
-from callbacks.rewards import RewardCallback, Scores
+from lit_latent.rewards import Reward, Scores
 
 
 def hash_reward(completion: str, levels: int) -> float:
@@ -10,7 +10,7 @@ def hash_reward(completion: str, levels: int) -> float:
     return (zlib.crc32(completion.encode()) % levels) / (levels - 1)
 
 
-class HashReward(RewardCallback):
+class HashReward(Reward):
     """Scores by ``hash_reward`` and keeps every (problem id, completion) it saw, in order."""
 
     seen: list[tuple[str, str]] = []  # class-level: the instance is built inside adapt.main
@@ -18,6 +18,6 @@ class HashReward(RewardCallback):
     def __init__(self, levels: int = 2):
         self.levels = levels
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         HashReward.seen += [(p["id"], c) for p, c in zip(problems, completions)]
         return Scores([hash_reward(c, self.levels) for c in completions], [0] * len(completions))

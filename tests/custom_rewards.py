@@ -1,29 +1,29 @@
 """Rewards that tests load by import path (reward.kind=custom reward.class_path=custom_rewards.X)."""
 
-from callbacks.rewards import RewardCallback, Scores
+from lit_latent.rewards import Reward, Scores
 
 
-class FirstCharReward(RewardCallback):
+class FirstCharReward(Reward):
     """1.0 if the answer starts with ``target``, ``keep`` if it starts with ``original``, else 0."""
 
     def __init__(self, target: str, original: str, keep: float = 0.5):
         self.target, self.original, self.keep = target, original, keep
         self.calls = 0
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         self.calls += 1
         rewards = [1.0 if c.startswith(self.target) else self.keep if c.startswith(self.original) else 0.0 for c in completions]
         return Scores(rewards, [0] * len(completions))
 
 
-class PassAfterReward(RewardCallback):
+class PassAfterReward(Reward):
     """Fails every candidate until a problem has been scored ``n`` times, then passes."""
 
     def __init__(self, n: int):
         self.n = n
         self.seen: dict[str, int] = {}
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         rewards = []
         for p in problems:
             self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
@@ -31,14 +31,14 @@ class PassAfterReward(RewardCallback):
         return Scores(rewards, [1] * len(problems))
 
 
-class NaNReward(RewardCallback):
+class NaNReward(Reward):
     """Fails every candidate, and scores problem ``bad``'s second candidate as NaN."""
 
     def __init__(self, bad: str):
         self.bad = bad
         self.calls: dict[str, int] = {}
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         rewards = []
         for p in problems:
             self.calls[p["id"]] = self.calls.get(p["id"], 0) + 1
@@ -46,11 +46,11 @@ class NaNReward(RewardCallback):
         return Scores(rewards, [0] * len(problems))
 
 
-class IdReward(RewardCallback):
+class IdReward(Reward):
     """1.0 for every candidate of the problems in ``good``, 0.0 for the rest."""
 
     def __init__(self, good: list):
         self.good = set(good)
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         return Scores([1.0 if p["id"] in self.good else 0.0 for p in problems], [0] * len(problems))

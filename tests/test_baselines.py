@@ -7,7 +7,7 @@ import pytest
 
 import adapt
 from baseline_rewards import HashReward, hash_reward
-from callbacks.rewards import majority_answer
+from lit_latent.rewards import majority_answer
 from lit_latent.results import read_records
 
 ROOT = Path(__file__).resolve().parents[1]

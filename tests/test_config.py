@@ -34,7 +34,7 @@ def test_overrides_reach_typed_fields():
         (["reward.kind=custom"], "config key reward.class_path: required"),
         (["latent.rho=1.5"], "config key latent.rho"),
         (["evolve.rho=0"], "config key evolve.rho: must be in (0, 1] or null, got 0"),
-        (["evolve.answer=greedy"], "config key evolve.answer: 'greedy' is not one of final, best, sample"),
+        (["evolve.answer=greedy"], "config key evolve.answer: 'greedy' is not one of last, best, sample"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):

@@ -10,9 +10,10 @@ import torch
 import adapt
 import train
 from custom_rewards import IdReward
-from callbacks.rewards import RewardCallback, Scores, VerifierReward
+from lit_latent.rewards import Reward, Scores, VerifierReward
 from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig
 from lit_latent.data import ProblemDataModule
+from lit_latent.engine import Engine
 from lit_latent.module import LatentAdaptationModule
 from lit_latent.latents import momentum_init
 from lit_latent.memory import EpisodicMemory
@@ -110,13 +111,13 @@ def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_mod
     assert weaver(e[:2], z_base[:2]).shape == (2, 3, 32)
 
 
-class FirstStepPays(RewardCallback):
+class FirstStepPays(Reward):
     """Every sample of a problem's first refinement step earns 1, later ones 0."""
 
     def __init__(self):
         self.seen: dict[str, int] = {}
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         rewards = []
         for p in problems:
             self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
@@ -128,8 +129,8 @@ def evolve_day(model, tokenizer, reward, reference_mode=False, **evolve):
     cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
     cfg.perf.reference_mode = reference_mode
     cfg.evolve = EvolveConfig(**{**dict(latent_count=3, samples=2, max_steps=4, patience=3, lr=0.5, night_every=0), **evolve})
-    module = LatentAdaptationModule(model, tokenizer, cfg)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reward], inference_mode=False,
+    module = LatentAdaptationModule(model, tokenizer, cfg, reward)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
                         enable_progress_bar=False, enable_model_summary=False)
     problems = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i), "choices": None} for i in range(3)]
     out = trainer.predict(module, datamodule=ProblemDataModule(problems, batch_size=3))
@@ -137,17 +138,17 @@ def evolve_day(model, tokenizer, reward, reference_mode=False, **evolve):
 
 
 def generate_batches(monkeypatch) -> list[int]:
-    """The batch size of every LatentAdaptationModule.generate call from now on, in order."""
+    """The batch size of every Engine.generate call from now on, in order."""
     calls: list[int] = []
-    real = LatentAdaptationModule.generate
-    monkeypatch.setattr(LatentAdaptationModule, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, **kw: calls.append(len(prompts)) or real(self, prompts, **kw))
     return calls
 
 
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, char_tokenizer):
     # only the first step's samples pay: "best" keeps the starting latents (z_base: no memory,
-    # no weaver), so the answer is the greedy CoT again; "final" answers from the moved latents
+    # no weaver), so the answer is the greedy CoT again; "last" answers from the moved latents
     # (no baseline: with one, equal rewards of a step would leave the latents where they are)
     best = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="best", baseline="none")
     for r in best:
@@ -156,7 +157,7 @@ def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, c
         torch.testing.assert_close(r["_archive"]["z_star"], r["_archive"]["z_base"])
         # the greedy CoT again (cut at max_new_tokens; from the latents it gets that many more)
         assert r["output"].startswith(r["initial_output"])
-    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="final", baseline="none")
+    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="last", baseline="none")
     for r in final:
         assert r["final_mean_reward"] == 0.0 and r["_archive"]["score"] == 0.0
         assert not torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"])
@@ -168,14 +169,14 @@ def test_regenerate_after_first_change_cuts_sampled_prefixes_after_their_first_c
     # hot samples (temperature 50) differ from the CoT's opening early; with the option each
     # prefix handed to generation is the CoT's opening through its first changed token
     calls = []
-    real = LatentAdaptationModule.generate
+    real = Engine.generate
 
     def spy(self, prompts, **kw):
         out = real(self, prompts, **kw)
         calls.append((kw.get("prefixes"), out.tokens if kw.get("return_hidden") else None))
         return out
 
-    monkeypatch.setattr(LatentAdaptationModule, "generate", spy)
+    monkeypatch.setattr(Engine, "generate", spy)
     evolve_day(tiny_model, char_tokenizer, FirstStepPays(), regenerate_after_first_change=regenerate, sample_temperature=50.0)
     cot = [t[:3] for t in calls[0][1]]  # the greedy CoT's first L' = 3 tokens, per problem
     sampled = [p for prefixes, _ in calls[1:-1] for p in prefixes]  # the last call answers from z*
@@ -234,7 +235,7 @@ def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_m
     assert all(r["iterations"] > 0 and "cot_reward" not in r for r in paper)
 
 
-class TextReward(RewardCallback):
+class TextReward(Reward):
     """A fixed pseudo-random reward in [0, 0.5) per text; the first text scored for a problem
     (with evolve.stop_threshold: its CoT) earns ``first`` instead."""
 
@@ -245,7 +246,7 @@ class TextReward(RewardCallback):
         self.seen: set[str] = set()
         self.scored: dict[str, float] = {}
 
-    def score(self, module, problems, completions):
+    def score(self, engine, problems, completions):
         rewards = []
         for p, text in zip(problems, completions):
             q = self.first if p["id"] not in self.seen and self.first else sum(map(ord, text)) % 50 / 100
@@ -261,8 +262,8 @@ def test_rho_refines_the_answers_later_latents_and_the_memory_keeps_the_first(ti
     # the random model writes max_new_tokens = 8 tokens: rho 1.0 refines all 8 latents, the
     # paper's null the first L' = 3; either way z* (what the memory archives) is L' latents long
     prefixes = []
-    real = LatentAdaptationModule.generate
-    monkeypatch.setattr(LatentAdaptationModule, "generate",
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate",
                         lambda self, prompts, **kw: prefixes.extend(kw.get("prefixes") or []) or real(self, prompts, **kw))
     records = evolve_day(tiny_model, char_tokenizer, TextReward(), rho=rho, sample_temperature=50.0)
     refined = 8 if rho else 3

@@ -6,11 +6,13 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.rewards import MajorityReward, SelfReward, VerifierReward
+from lit_latent.rewards import MajorityReward, SelfReward, VerifierReward
 from custom_rewards import FirstCharReward, PassAfterReward
 from lit_latent.config import AdaptConfig, GenerationConfig, LatentConfig
 from lit_latent.data import ProblemDataModule
+from lit_latent.engine import Engine
 from lit_latent.module import LatentAdaptationModule
+from callbacks.rewards import ForgetFinishedProblems
 
 PROBLEMS = [
     {"id": "p0", "problem": "What is 2 + 3?", "answer": "5", "choices": None},
@@ -26,17 +28,17 @@ def make_cfg(**latent):
 
 
 def run(model, tokenizer, cfg, reward, problems=PROBLEMS):
-    module = LatentAdaptationModule(model, tokenizer, cfg)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reward], inference_mode=False,
+    module = LatentAdaptationModule(model, tokenizer, cfg, reward)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[ForgetFinishedProblems(reward)], inference_mode=False,
                         enable_progress_bar=False, enable_model_summary=False)
     out = trainer.predict(module, datamodule=ProblemDataModule(problems, batch_size=2))
     return [r for batch in out for r in batch]
 
 
 def first_tokens(model, tokenizer, problem):
-    module = LatentAdaptationModule(model, tokenizer, make_cfg())
+    engine = Engine(model, tokenizer, make_cfg())
     head = model.get_output_embeddings()
-    out = module.generate(module.encode([problem]), return_hidden=True)
+    out = engine.generate(engine.encode([problem]), return_hidden=True)
     top2 = head(out.hidden[0][0]).topk(2).indices.tolist()
     return [tokenizer.decode([t]) for t in top2]
 
@@ -100,9 +102,9 @@ def test_same_seed_same_records(tiny_model, char_tokenizer):
 def test_regenerate_after_first_change_regenerates_after_the_flip(tiny_model, char_tokenizer):
     cfg = make_cfg(max_latents=6, lr=0.05, regenerate_after_first_change=True)
     rec = run(tiny_model, char_tokenizer, cfg, PassAfterReward(6), PROBLEMS[:1])[0]
-    module = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
-    prompt = module.encode(PROBLEMS[:1])
-    initial = module.generate(prompt).tokens[0][:6]
+    engine = Engine(tiny_model, char_tokenizer, cfg)
+    prompt = engine.encode(PROBLEMS[:1])
+    initial = engine.generate(prompt).tokens[0][:6]
     flipped = 0
     for cand in rec["candidates"]:
         decoded = cand["latent_tokens"]
@@ -110,18 +112,16 @@ def test_regenerate_after_first_change_regenerates_after_the_flip(tiny_model, ch
         kept = decoded if first is None else decoded[: first + 1]
         flipped += first is not None and first < len(decoded) - 1
         # the answer is the latent prefix through its first flip, then the model's own greedy continuation
-        expected = module.generate(prompt, prefixes=[kept]).tokens[0]
-        assert cand["output"] == module.decode([expected])[0]
+        expected = engine.generate(prompt, prefixes=[kept]).tokens[0]
+        assert cand["output"] == engine.decode([expected])[0]
     assert flipped >= 1  # some candidate really dropped latent tokens after a flip
 
 
 @pytest.mark.parametrize("reward", [VerifierReward(), SelfReward("latentseek"), SelfReward("latentevolve"), SelfReward("steps"), MajorityReward(3)])
 def test_every_reward_kind_is_in_unit_interval(tiny_model, char_tokenizer, reward):
-    module = LatentAdaptationModule(tiny_model, char_tokenizer, make_cfg())
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[reward], enable_progress_bar=False)
-    module.trainer = trainer
+    engine = Engine(tiny_model, char_tokenizer, make_cfg())
     completions = ["2 + 3 = 5\nThe answer is \\boxed{5}.", "4 + 3 = 8\nThe answer is \\boxed{8}.", "garbage"]
-    scores = reward.score(module, PROBLEMS, completions)
+    scores = reward.score(engine, PROBLEMS, completions)
     assert len(scores.rewards) == 3 and all(0.0 <= r <= 1.0 for r in scores.rewards)
     if isinstance(reward, VerifierReward):
         assert scores.rewards == [1.0, 0.0, 0.0]
@@ -138,7 +138,7 @@ def test_nan_reward_keeps_last_good_candidate_and_the_run_goes_on(tiny_model, ch
 
 
 def test_nan_in_latents_is_caught(tiny_model, char_tokenizer, monkeypatch):
-    import lit_latent.module as module_lib
+    import lit_latent.search as module_lib
 
     real = module_lib.token_log_probs
     calls = {"n": 0}
@@ -156,13 +156,13 @@ def test_nan_in_latents_is_caught(tiny_model, char_tokenizer, monkeypatch):
 
 
 def test_answer_best_keeps_the_highest_reward_candidate(tiny_model, char_tokenizer):
-    from callbacks.rewards import RewardCallback, Scores
+    from lit_latent.rewards import Reward, Scores
 
-    class Decreasing(RewardCallback):
+    class Decreasing(Reward):
         def __init__(self):
             self.seen = {}
 
-        def score(self, module, problems, completions):
+        def score(self, engine, problems, completions):
             for p in problems:
                 self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
             return Scores([0.6 if self.seen[p["id"]] == 1 else 0.1 for p in problems], [0] * len(problems))

@@ -6,13 +6,14 @@ import torch
 
 from custom_rewards import PassAfterReward
 from lit_latent.data import ProblemDataModule
+from lit_latent.engine import Engine
 from lit_latent.module import LatentAdaptationModule
 from test_module import PROBLEMS, make_cfg
 
 
 def predict(model, tokenizer, cfg, reward, batch_size):
-    module = LatentAdaptationModule(model, tokenizer, cfg)
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[reward], inference_mode=False,
+    module = LatentAdaptationModule(model, tokenizer, cfg, reward)
+    trainer = L.Trainer(accelerator="cpu", logger=False, inference_mode=False,
                         enable_progress_bar=False, enable_model_summary=False)
     out = trainer.predict(module, datamodule=ProblemDataModule(PROBLEMS, batch_size))
     return [{k: v for k, v in r.items() if k != "seconds"} for b in out for r in b]
@@ -30,8 +31,8 @@ def test_fast_path_and_reference_mode_give_identical_records(tiny_model, char_to
 class StopFirst(PassAfterReward):
     """Problem p0 passes at its first candidate; the others never pass."""
 
-    def score(self, module, problems, completions):
-        scores = super().score(module, problems, completions)
+    def score(self, engine, problems, completions):
+        scores = super().score(engine, problems, completions)
         scores.rewards = [1.0 if p["id"] == "p0" and self.seen[p["id"]] == 2 else 0.0 for p in problems]
         return scores
 
@@ -62,7 +63,7 @@ def test_a_finished_problem_leaves_the_active_set(tiny_model, char_tokenizer, mo
 
 
 def test_shared_openings_groups_rows_by_their_common_start():
-    from lit_latent.module import shared_openings
+    from lit_latent.engine import shared_openings
 
     base = list(range(1, 21))
     other = [50 + k for k in range(17)]
@@ -81,9 +82,9 @@ def test_shared_prefill_of_verification_prompts_gives_the_same_answers(tiny_mode
     messages += [step_check_prompt("12 + 3 = 15"), messages[0]]  # an unrelated prompt and a duplicate
     cfg = make_cfg()
     cfg.perf.chunk = 5  # groups are split over several chunks
-    fast = LatentAdaptationModule(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    fast = Engine(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
     cfg.perf.reference_mode = True
-    slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    slow = Engine(tiny_model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
     assert fast == slow
     assert fast[0][0] == fast[0][-1] and all(n > 0 for n in fast[1])
 
@@ -104,9 +105,9 @@ def test_sliding_window_models_keep_transformers_masks_and_give_the_same_answers
     assert not full_attention(new_cache(model, room=8))
     messages = [holistic_check_prompt(c, "Tom has 12 apples.", "12 + 3 = 15") for c in ("calculation", "answer", "format")]
     cfg = make_cfg()
-    fast = LatentAdaptationModule(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    fast = Engine(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
     cfg.perf.reference_mode = True
-    assert fast == LatentAdaptationModule(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
+    assert fast == Engine(model, char_tokenizer, cfg).complete(messages, max_new_tokens=6)
 
 
 def test_continuous_batching_gives_the_same_records_as_the_whole_batch(tiny_model, char_tokenizer):
@@ -119,16 +120,16 @@ def test_continuous_batching_gives_the_same_records_as_the_whole_batch(tiny_mode
 
 
 def test_a_freed_slot_goes_to_the_next_problem(tiny_model, char_tokenizer, monkeypatch):
-    from lit_latent import module as module_py
+    from lit_latent import engine as module_py
 
     widths = []
-    real = module_py.LatentAdaptationModule.generate
+    real = module_py.Engine.generate
 
     def spy(self, prompts, **kw):
         widths.append((len(prompts), kw.get("prefixes") is not None))
         return real(self, prompts, **kw)
 
-    monkeypatch.setattr(module_py.LatentAdaptationModule, "generate", spy)
+    monkeypatch.setattr(module_py.Engine, "generate", spy)
     cfg = make_cfg(max_latents=3, max_iterations=4)
     cfg.perf.max_active = 2
     recs = predict(tiny_model, char_tokenizer, cfg, StopFirst(0), batch_size=3)
@@ -139,14 +140,14 @@ def test_a_freed_slot_goes_to_the_next_problem(tiny_model, char_tokenizer, monke
 
 
 def test_a_later_candidate_continues_from_the_cached_opening_of_an_earlier_one(tiny_model, char_tokenizer, monkeypatch):
-    from lit_latent import module as module_py
+    from lit_latent import engine as module_py
     from lit_latent.prompts import HOLISTIC_QUESTIONS, holistic_check_prompt
 
     problem = "Tom has 12 apples and gets 3 more."
     first = [holistic_check_prompt(c, problem, "12 + 3 = 15\nThe answer is \\boxed{15}.") for c in HOLISTIC_QUESTIONS]
     later = [holistic_check_prompt(c, problem, "12 + 3 = 16\nThe answer is \\boxed{16}.") for c in HOLISTIC_QUESTIONS]
     cfg = make_cfg()
-    fast = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
+    fast = Engine(tiny_model, char_tokenizer, cfg)
     extended = []
     real_extend = module_py.extend_prompts
 
@@ -157,17 +158,17 @@ def test_a_later_candidate_continues_from_the_cached_opening_of_an_earlier_one(t
     monkeypatch.setattr(module_py, "extend_prompts", spy)
     got = [fast.complete(first, max_new_tokens=6), fast.complete(later, max_new_tokens=6)]
     # the second call encoded only what follows "...12 + 3 = 1" of the first candidate's opening
-    opening = fast.encode_message(later[0])
+    opening = fast.encode_messages([later[0]])[0]
     assert len(extended) == 1 and 0 < extended[0][0] < len(opening) // 3
     cfg.perf.reference_mode = True
-    slow = LatentAdaptationModule(tiny_model, char_tokenizer, cfg)
+    slow = Engine(tiny_model, char_tokenizer, cfg)
     assert got == [slow.complete(first, max_new_tokens=6), slow.complete(later, max_new_tokens=6)]
 
 
 def test_bf16_autocast_switch_runs_latentseek_with_self_reward_and_keeps_weights(char_tokenizer):
     # the GPU switch, exercised on CPU (autocast supports bf16 there): generation, the packed
     # verification masks and the latents' float32 loss all run under it
-    from callbacks.rewards import SelfReward
+    from lit_latent.rewards import SelfReward
     from conftest import make_tiny_model
 
     model = make_tiny_model("llama", len(char_tokenizer))
@@ -194,15 +195,15 @@ def test_a_prefix_tried_before_is_not_regenerated_and_answers_match_the_referenc
     # a learning rate too small to flip a token: every update decodes the original prefix again,
     # so with a deterministic reward the fast path generates it once (the random model's first
     # answer ran to max_new_tokens, so its continuation is longer: not the same candidate)
-    from callbacks.rewards import VerifierReward
+    from lit_latent.rewards import VerifierReward
     from conftest import make_tiny_model
-    from lit_latent import module as module_py
+    from lit_latent import engine as module_py
 
     model = make_tiny_model("llama", len(char_tokenizer))
     cfg = make_cfg(max_latents=4, lr=1e-6, max_iterations=3)
     calls = []
-    real = module_py.LatentAdaptationModule.generate
-    monkeypatch.setattr(module_py.LatentAdaptationModule, "generate",
+    real = module_py.Engine.generate
+    monkeypatch.setattr(module_py.Engine, "generate",
                         lambda self, prompts, **kw: calls.append(kw.get("prefixes") is not None) or real(self, prompts, **kw))
     fast = predict(model, char_tokenizer, cfg, VerifierReward(), batch_size=3)
     assert calls == [False, True]  # the first answers, then the prefix's continuation once

@@ -2,7 +2,7 @@
 
 import pytest
 
-from callbacks.rewards import (
+from lit_latent.rewards import (
     SCHEME_WEIGHTS,
     MajorityReward,
     SelfReward,

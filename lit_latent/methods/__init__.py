@@ -1,0 +1,1 @@
+"""Test-time methods, one per file: sampling baselines, LatentSeek, LatentEvolve."""

@@ -1,0 +1,141 @@
+"""LatentEvolve's daytime (docs/algorithms.md §2): LatentSeek-style refinement that learns
+across problems.
+
+For a batch of problems: the greedy CoT gives ``e`` (the prompt's last post-norm state) and
+``z_base`` (its first L' latents); the latent weaver (trained at night) maps ``z_base`` to a
+better start, and momentum transfer from the top-k remembered neighbours adds their edits
+``z*_j - z_base_j`` weighted by softmax(cos(e, e_j)); then up to K refinement steps of policy
+gradient with M sampled outputs, stopping after ``patience`` steps without a better mean
+reward; the answer comes from z*. Each record carries ``_archive`` (e, z_base, z*, mean
+reward), which ``callbacks.memory`` archives when the mean reward reaches tau; nights (weaver
+training on the memory) are that callback's too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lit_latent.config import EvolveConfig
+from lit_latent.engine import Engine
+from lit_latent.generation import encode_prompts
+from lit_latent.latents import decode_latents, keep_through_first_change, latent_count, momentum_init
+from lit_latent.records import judge
+from lit_latent.rewards import Reward
+from lit_latent.search import LatentSearch
+
+
+def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: EvolveConfig,
+                  memory=None, weaver: Optional[torch.nn.Module] = None) -> list[dict]:
+    m = cfg.samples
+    # 1. e (the prompt's final post-norm state) and z_base (first L' latents of the greedy CoT)
+    prompts = engine.encode(problems)
+    state = encode_prompts(engine.model, prompts, engine.pad_id)
+    cached = None if engine.reference_mode else state  # candidates reuse the prompts' cache
+    first = engine.generate(prompts, return_hidden=True, prompt_state=cached)
+    texts = engine.decode(first.tokens)
+    records = [engine.adaptive_record(p, texts[i], first.new_tokens[i], [], reward) for i, p in enumerate(problems)]
+    e = state.last.float()
+    z_base = [h[: cfg.latent_count].detach().float() for h in first.hidden]
+    # evolve.stop_threshold: a CoT the reward already passes is kept as it is (LatentSeek's rule)
+    passed: set[int] = set()
+    if cfg.stop_threshold is not None:
+        cot = reward.score(engine, problems, texts)
+        for i, rec in enumerate(records):
+            rec["tokens"] += cot.tokens[i]
+            rec["cot_reward"] = cot.rewards[i]
+        passed = {i for i, q in enumerate(cot.rewards) if q >= cfg.stop_threshold}
+    # answers shorter than L' cannot be compared with the memory: they stay greedy CoT
+    usable = [i for i, z in enumerate(z_base) if z.shape[0] == cfg.latent_count and i not in passed]
+
+    # 2-4. weaver, retrieval, momentum transfer
+    search = LatentSearch(engine, reward, cfg.lr, records)
+    for i, z0 in zip(usable, starting_latents(e, z_base, usable, records, cfg, memory, weaver)):
+        # evolve.rho: the answer's later latents are refined too, from the CoT's own
+        refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
+        search.add(i, torch.cat([z0, first.hidden[i][cfg.latent_count : refined].float()]))
+    samplers = [engine.generator(p["id"], "evolve") for p in problems]
+    # evolve.regenerate_after_first_change: a prefix ends at its first token that differs from the CoT's
+    original = {i: first.tokens[i][: len(search.latents[i])] for i in usable}
+
+    def cut(i: int, prefix: list[int]) -> list[int]:
+        return keep_through_first_change(prefix, original[i]) if cfg.regenerate_after_first_change else prefix
+
+    # 5. refine: M sampled outputs per step, stop after `patience` steps without a better mean reward
+    best = {i: float("-inf") for i in usable}  # the best mean reward so far, and the latents that had it
+    best_latents = {i: search.latents[i].detach().clone() for i in usable}
+    stale = {i: 0 for i in usable}
+    last_mean = {i: 0.0 for i in usable}
+    # evolve.answer=sample: the highest-reward output so far, (reward, text); the scored CoT starts it
+    best_sample = {i: (records[i].get("cot_reward", float("-inf")), None) for i in usable}
+    active = list(usable)
+    for step in range(cfg.max_steps):
+        if not active:
+            break
+        results, losses = search.sample_step(active, m, cfg.sample_temperature, cfg.baseline, samplers, cut,
+                                             prompts, problems, cached)
+        for i, s in results.items():
+            mean, top = sum(s.rewards) / m, s.best()
+            answer, correct = judge(problems[i], s.texts[top])
+            rec = records[i]
+            rec["rewards"].append(mean)
+            rec["iterations"] += 1
+            rec["tokens"] += s.tokens
+            rec["candidates"].append({"reward": mean, "best_reward": s.rewards[top], "answer": answer, "correct": correct})
+            last_mean[i] = mean
+            if s.rewards[top] > best_sample[i][0]:
+                best_sample[i] = (s.rewards[top], s.texts[top])
+            if mean > best[i]:
+                best[i], stale[i], best_latents[i] = mean, 0, search.latents[i].detach().clone()
+            else:
+                stale[i] += 1
+        active = [i for i in search.step(losses) if stale[i] < cfg.patience]
+
+    # 6. the answer: greedy from z* (the last step's latents, or with answer=best/sample the best step's);
+    # answer=sample: the best sampled output itself
+    z_star = {i: search.latents[i] for i in usable}
+    if cfg.answer in ("best", "sample"):
+        for i in usable:
+            if records[i]["rewards"]:
+                z_star[i], last_mean[i] = best_latents[i], best[i]
+    if not usable:
+        return records
+    if cfg.answer == "sample":
+        final_texts = [records[i]["output"] if best_sample[i][1] is None else best_sample[i][1] for i in usable]
+        new_tokens = [0] * len(usable)
+    else:
+        prefixes = [cut(i, decode_latents(engine.lm_head, z_star[i])) for i in usable]
+        out = engine.generate([prompts[i] for i in usable], prefixes=prefixes, prompt_state=cached and cached.select(usable))
+        final_texts, new_tokens = engine.decode(out.tokens), out.new_tokens
+    for k, i in enumerate(usable):
+        answer, correct = judge(problems[i], final_texts[k])
+        rec = records[i]
+        rec.update(output=final_texts[k], final_answer=answer, correct=correct, final_mean_reward=last_mean[i])
+        rec["tokens"] += new_tokens[k]
+        rec.update(engine.describe_latents(z_star[i]))
+        # 7. what the memory callback archives (when final_mean_reward >= tau): the memory's L' latents
+        rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(),
+                           "z_star": z_star[i][: cfg.latent_count].detach().cpu(), "score": last_mean[i]}
+    return records
+
+
+def starting_latents(e, z_base, usable, records, cfg: EvolveConfig, memory, weaver) -> list[torch.Tensor]:
+    """z_0 of each usable problem: the weaver's map of its z_base (identity before the first
+    night), plus the momentum transfer from its remembered neighbours (none while the memory
+    is empty); the neighbours' ids go into the record."""
+    if not usable:
+        return []
+    zb = torch.stack([z_base[i] for i in usable])
+    with torch.no_grad():
+        woven = weaver(e[usable], zb).float() if weaver is not None else zb
+    found = memory.search(e[usable], cfg.top_k) if memory is not None and len(memory) else None
+    starts = []
+    for k, i in enumerate(usable):
+        z0 = woven[k]
+        if found is not None:
+            nb = found[k]
+            z0 = momentum_init(z0, nb.e, e[i], nb.z_star, nb.z_base)
+            records[i]["neighbours"] = list(nb.ids)
+        starts.append(z0)
+    return starts

@@ -1,0 +1,284 @@
+"""Rewards: score candidate answers in [0, 1].
+
+A reward is a plain object with ``score(engine, problems, completions)``; the adaptation
+module is given one and every method that needs it calls it. Rewards that ask the model
+(self-verification, majority vote) generate through the ``Engine``.
+
+Scale: every reward is in [0, 1], 1 best. LatentSeek's [-1, 0] scale is ``reward - 1``
+(its stop threshold -0.2 is our 0.8); LatentEvolve's Q is already in [0, 1].
+
+A user's own reward: subclass ``Reward``, implement ``score``, and run with
+``reward.kind=custom reward.class_path=my_pkg.rewards.MyReward reward.kwargs.x=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from lit_latent.answers import extract_answer, is_equivalent
+from lit_latent.config import RewardConfig, UserError, _positive
+from lit_latent.data import num_choices
+from lit_latent.prompts import (
+    calculation_lines,
+    FINAL_CHECK_TOKENS,
+    final_check_prompt,
+    holistic_check_prompt,
+    is_answer_line,
+    RECOMPUTE_TOKENS,
+    parse_final_check,
+    parse_recomputed,
+    parse_verdict,
+    recompute_question,
+    step_check_prompt,
+)
+
+
+@dataclass
+class Scores:
+    rewards: list[float]
+    """One reward in [0, 1] per completion."""
+    tokens: list[int]
+    """Tokens generated to score each completion (compute accounting)."""
+    details: list[dict[str, Any]] = field(default_factory=list)
+    """Optional per-completion detail, e.g. the verdict of each check."""
+
+
+class Reward:
+    """Base class of rewards. ``score`` gets the engine (to generate with the model), the
+    problems (dicts with id, problem, answer, choices) and one completion text per problem."""
+
+    uses_labels: bool = False
+    deterministic: bool = False
+    """The same problem and completion always get the same reward. LatentSeek's fast path then
+    reuses a candidate's text and reward when updated latents decode to a prefix the problem
+    has already tried (the greedy continuation would be the same), instead of regenerating and
+    re-scoring it. A reward that samples must leave this False."""
+
+    def score(self, engine, problems: Sequence[dict], completions: Sequence[str]) -> Scores:
+        raise NotImplementedError
+
+    def forget(self, problem_ids: Sequence[str]) -> None:
+        """These problems are finished: drop anything kept for them (``callbacks.rewards``)."""
+
+
+# --- verifier: the gold answer (the paper's "perfect verifier") -----------------------------
+
+
+def verifier_reward(problem: dict, completion: str) -> float:
+    choices = num_choices(problem)
+    return 1.0 if is_equivalent(problem["answer"], extract_answer(completion, choices), choices) else 0.0
+
+
+class VerifierReward(Reward):
+    """1 if the extracted answer equals the gold answer, else 0. Uses labels."""
+
+    uses_labels = True
+    deterministic = True
+
+    def score(self, engine, problems, completions):
+        return Scores([verifier_reward(p, c) for p, c in zip(problems, completions)], [0] * len(problems))
+
+
+# --- self: the model verifies its own answer ------------------------------------------------
+
+# criterion -> weight. LatentSeek: calculations 2, answer 1, complete 2, understood 1.
+# LatentEvolve: answer 1, comprehension 1, calculation 1, format 2, clarity 2.
+SCHEME_WEIGHTS = {
+    "latentseek": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "latentevolve": {"answer": 1.0, "understood": 1.0, "calculation": 1.0, "format": 2.0, "clarity": 2.0},
+    "steps": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "recompute": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+}
+# schemes whose calculation check asks about each line, and fail lines it cannot ask about
+LINE_SCHEMES = ("steps", "recompute")
+
+
+Judge = Callable[[str], Optional[bool]]
+"""The verdict a check's generated text gives: True, False, or None when it is not in the
+form the question asks for (callers count None as a failed check)."""
+
+
+def recompute_judge(op: str, claimed: int) -> Judge:
+    return lambda text: parse_recomputed(text, op) == claimed
+
+
+def final_judge(solution: str) -> Judge:
+    return lambda text: parse_final_check(text, solution)
+
+
+def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[str]) -> list[tuple[str, str, Judge]]:
+    """(criterion, user message, judge) triples that judge one solution; the judge reads the
+    verdict from the model's answer: a yes/no word, or a number the model worked out that must
+    equal the one the solution claims.
+
+    The ``steps`` scheme asks the calculation check once per calculation line ("is this line
+    right?"), and the answer check as "what is the last line's result?", passed when the model's
+    number equals the boxed answer (``prompts.final_check_prompt``) -- what a small model can
+    judge. The ``recompute`` scheme asks the model to redo each line instead, column by column
+    (``prompts.recompute_question``), and compares in code. In both a solution with no
+    calculation line fails its calculation check.
+    """
+    triples = []
+    for crit in criteria:
+        if scheme == "steps" and crit == "calculation":
+            triples += [(crit, step_check_prompt(line), parse_verdict) for line in calculation_lines(solution)]
+        elif scheme == "recompute" and crit == "calculation":
+            questions = [recompute_question(line) for line in calculation_lines(solution)]
+            triples += [(crit, msg, recompute_judge(op, claimed)) for msg, op, claimed in filter(None, questions)]
+        elif scheme in LINE_SCHEMES and crit == "answer":
+            triples.append((crit, final_check_prompt(solution), final_judge(solution)))
+        else:
+            triples.append((crit, holistic_check_prompt(crit, problem, solution), parse_verdict))
+    return triples
+
+
+def unverifiable_lines(solution: str, scheme: str = "steps") -> int:
+    """For the line-by-line schemes: lines that are neither one calculation ``a op b = c`` nor the
+    closing answer sentence (for ``recompute``: one whole-number calculation). No single-line
+    question fits them (a latent edit often leaves ``31 ×  = 9``), so each counts as a failed
+    calculation check instead of being skipped."""
+    calc = set(calculation_lines(solution))
+    if scheme == "recompute":
+        calc = {ln for ln in calc if recompute_question(ln) is not None}
+    return sum(1 for ln in solution.splitlines()
+               if ln.strip() and ln.strip() not in calc and not is_answer_line(ln))
+
+
+def combine_verdicts(verdicts: dict[str, list[Optional[bool]]], weights: dict[str, float]) -> float:
+    """1 - (weight of failed criteria) / (total weight). A criterion passes only if all its
+    verdicts are yes; a missing or unparseable verdict (None) fails, as does a criterion
+    that produced no verdict at all."""
+    total = sum(weights.values())
+    failed = sum(w for crit, w in weights.items() if not verdicts.get(crit) or not all(v is True for v in verdicts[crit]))
+    return 1.0 - failed / total
+
+
+class SelfReward(Reward):
+    """The frozen model grades its own answer with the verification prompts of ``scheme``;
+    all prompts of all candidates run as one batched greedy generation."""
+
+    deterministic = True  # greedy verdicts
+
+    def __init__(self, scheme: str = "latentseek", weights: Optional[dict[str, float]] = None, verdict_tokens: int = 4):
+        self.scheme = scheme
+        self.weights = dict(SCHEME_WEIGHTS[scheme])
+        for crit, w in (weights or {}).items():
+            if crit not in self.weights:
+                raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(self.weights)})")
+            _positive(f"reward.weights.{crit}", float(w), allow_zero=True)
+            self.weights[crit] = float(w)
+        # a criterion of weight 0 cannot change the reward, so it is not asked at all
+        self.weights = {crit: w for crit, w in self.weights.items() if w > 0}
+        if not self.weights:
+            raise UserError(f"config key reward.weights: every criterion of scheme {scheme} has weight 0")
+        self.verdict_tokens = verdict_tokens
+
+    def score(self, engine, problems, completions):
+        owners, crits, messages, judges = [], [], [], []
+        for i, (p, c) in enumerate(zip(problems, completions)):
+            for crit, msg, judge in check_prompts(self.scheme, p["problem"], c, list(self.weights)):
+                owners.append(i)
+                crits.append(crit)
+                messages.append(msg)
+                judges.append(judge)
+        budget = self.verdict_tokens
+        if self.scheme in LINE_SCHEMES:  # answers that are numbers: the final check, the recompute check
+            budget = max(budget, FINAL_CHECK_TOKENS, RECOMPUTE_TOKENS if self.scheme == "recompute" else 0)
+        texts, new_tokens = engine.complete(messages, max_new_tokens=budget)
+        verdicts: list[dict[str, list[Optional[bool]]]] = [{} for _ in problems]
+        tokens = [0] * len(problems)
+        for i, crit, text, judge, n in zip(owners, crits, texts, judges, new_tokens):
+            verdicts[i].setdefault(crit, []).append(judge(text))
+            tokens[i] += n
+        if self.scheme in LINE_SCHEMES and "calculation" in self.weights:
+            for i, c in enumerate(completions):
+                verdicts[i].setdefault("calculation", []).extend([False] * unverifiable_lines(c, self.scheme))
+        rewards = [combine_verdicts(v, self.weights) for v in verdicts]
+        details = [{c: [None if x is None else int(x) for x in vs] for c, vs in v.items()} for v in verdicts]
+        return Scores(rewards, tokens, details)
+
+
+# --- majority: TTRL-style agreement with the majority answer ---------------------------------
+
+
+def majority_answer(answers: Sequence[Optional[str]], choices: int = 0) -> Optional[str]:
+    """The most frequent answer up to equivalence; ties go to the answer seen first."""
+    groups: list[tuple[str, int]] = []  # (representative, count) in order of first sight
+    for a in answers:
+        if a is None:
+            continue
+        for k, (rep, count) in enumerate(groups):
+            if is_equivalent(rep, a, choices):
+                groups[k] = (rep, count + 1)
+                break
+        else:
+            groups.append((a, 1))
+    if not groups:
+        return None
+    best = max(count for _, count in groups)
+    return next(rep for rep, count in groups if count == best)
+
+
+class MajorityReward(Reward):
+    """1 if the candidate's answer agrees with the majority of N sampled answers, else 0.
+    The samples are drawn once per problem and cached for its later candidates."""
+
+    deterministic = True  # against the problem's one vote
+
+    def __init__(self, samples: int = 8):
+        self.samples = samples
+        self._majority: dict[str, tuple[Optional[str], int]] = {}
+
+    def forget(self, problem_ids):
+        for pid in problem_ids:  # finished problems no longer need their vote
+            self._majority.pop(pid, None)
+
+    def score(self, engine, problems, completions):
+        todo = [p for p in problems if p["id"] not in self._majority]
+        if todo:
+            texts, new_tokens = engine.sample_answers(todo, self.samples, tag="majority")
+            for k, p in enumerate(todo):
+                mine = texts[k * self.samples : (k + 1) * self.samples]
+                spent = sum(new_tokens[k * self.samples : (k + 1) * self.samples])
+                answers = [extract_answer(t, num_choices(p)) for t in mine]
+                self._majority[p["id"]] = (majority_answer(answers, num_choices(p)), spent)
+        rewards, tokens = [], []
+        for p, c in zip(problems, completions):
+            majority, spent = self._majority[p["id"]]
+            choices = num_choices(p)
+            rewards.append(1.0 if majority is not None and is_equivalent(majority, extract_answer(c, choices), choices) else 0.0)
+            tokens.append(spent)
+            self._majority[p["id"]] = (majority, 0)  # the vote's cost is counted once
+        return Scores(rewards, tokens)
+
+
+# --- construction from the config ------------------------------------------------------------
+
+
+def import_class(path: str, key: str = "reward.class_path") -> type:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise UserError(f"config key {key}: {path!r} is not a dotted import path like my_pkg.rewards.MyReward")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"config key {key}: cannot import {path}: {e}") from None
+
+
+def make_reward(cfg: RewardConfig) -> Reward:
+    if cfg.kind == "verifier":
+        return VerifierReward()
+    if cfg.kind == "self":
+        return SelfReward(cfg.scheme, cfg.weights, cfg.verdict_tokens)
+    if cfg.kind == "majority":
+        return MajorityReward(cfg.majority_samples)
+    cls = import_class(cfg.class_path)
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise UserError(f"config key reward.class_path: {cfg.class_path} is not a subclass of lit_latent.rewards.Reward")
+    try:
+        return cls(**cfg.kwargs)
+    except TypeError as e:
+        raise UserError(f"config key reward.kwargs: {cfg.class_path}: {e}") from None
+

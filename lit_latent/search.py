@@ -1,0 +1,176 @@
+"""The latent search core that LatentSeek and LatentEvolve share.
+
+A ``LatentSearch`` holds, for a batch of problems, each problem's latents (a leaf tensor
+``[L, d]`` of last-layer post-norm states) under one Adam optimizer. Problems join (``add``)
+and leave (``retire``) while the others go on, so a batch can be refilled as problems finish.
+It turns latents into candidates: prefixes decoded greedily (LatentSeek) or M sampled from the
+latent policy (``sample_step``), finished by the model and scored by the reward. The model's
+weights never change: losses go through ``lm_head`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lit_latent.latents import baseline_value, decode_latents, policy_loss, sample_latents, token_log_probs
+from lit_latent.records import numerical_error
+
+Prefix = tuple[int, ...]
+
+
+@dataclass
+class Samples:
+    """One problem's M sampled candidates of a step."""
+
+    prefixes: list[Prefix]
+    texts: list[str]
+    rewards: list[float]
+    tokens: int
+    """Tokens generated for them: answers and reward generations (0 for a prefix met before)."""
+
+    def best(self) -> int:
+        """The highest-reward sample, the first on ties."""
+        return max(range(len(self.rewards)), key=lambda j: (self.rewards[j], -j))
+
+
+class LatentSearch:
+    def __init__(self, engine, reward, lr: float, records: list[dict]):
+        self.engine = engine
+        self.reward = reward
+        self.lr = lr
+        self.records = records  # a problem's numerical errors are flagged in its record
+        self.latents: dict[int, Tensor] = {}
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        # per problem, prefix tried -> (text, reward): with greedy continuations and a
+        # deterministic reward, a prefix met again gives the same candidate, so it is reused
+        # (the reference regenerates it; answers and rewards are the same either way)
+        self.reuse = reward.deterministic and not engine.reference_mode
+        self.tried: dict[int, dict[Prefix, tuple[str, float]]] = {}
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.engine.lm_head
+
+    # --- the optimized latents ----------------------------------------------------------
+
+    def add(self, i: int, start: Tensor) -> None:
+        """Problem ``i`` starts optimizing latents initialised to ``start``."""
+        z = start.detach().clone().float().requires_grad_(True)
+        self.latents[i] = z
+        # one Adam over all problems: a problem that sits out a step keeps grad None, so Adam skips it
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam([z], lr=self.lr)
+        else:
+            self.optimizer.add_param_group({"params": [z]})
+
+    def retire(self, ids: Sequence[int]) -> None:
+        """These problems are done: their latents and Adam state leave the optimizer."""
+        gone = [self.latents[i] for i in ids if i in self.latents]
+        if not gone or self.optimizer is None:
+            return
+        for z in gone:
+            self.optimizer.state.pop(z, None)
+        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if not any(g["params"][0] is z for z in gone)]
+
+    def step(self, losses: dict[int, Tensor]) -> list[int]:
+        """One Adam step on the latents of the problems in ``losses``; returns those still healthy.
+
+        A non-finite loss, or latents that turn non-finite, end that problem's search: its
+        latents are restored, it keeps its last good candidate, its record says what happened.
+        """
+        healthy = {i: loss for i, loss in losses.items() if not numerical_error(self.records[i], "loss", loss)}
+        if not healthy:
+            return []
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.stack(list(healthy.values())).sum().backward()
+        before = {i: self.latents[i].detach().clone() for i in healthy}
+        self.optimizer.step()
+        for i in healthy:
+            if not bool(torch.isfinite(self.latents[i]).all()):
+                with torch.no_grad():
+                    self.latents[i].copy_(before[i])
+                numerical_error(self.records[i], "latents", float("nan"))
+        return [i for i in healthy if self.records[i]["status"] != "numerical_error"]
+
+    # --- losses ---------------------------------------------------------------------------
+
+    def decode(self, i: int) -> list[int]:
+        return decode_latents(self.head, self.latents[i])
+
+    def greedy_loss(self, i: int, advantage: float) -> Tensor:
+        """LatentSeek: REINFORCE on the tokens the latents decode to, ``-A sum_t log p(x_t | z_t)``."""
+        z = self.latents[i]
+        tokens = torch.tensor(decode_latents(self.head, z), device=z.device)
+        return policy_loss(token_log_probs(self.head, z, tokens).sum(), advantage)
+
+    def samples_loss(self, i: int, sampled: Sequence[Prefix], rewards: Sequence[float], base: float, temperature: float) -> Tensor:
+        """``-(1/M) sum_m (Q_m - base) log p(x^m | z)`` over M prefixes sampled from the latent policy."""
+        z, m = self.latents[i], len(sampled)
+        terms = []
+        for tokens, q in zip(sampled, rewards):
+            lp = token_log_probs(self.head, z[: len(tokens)], torch.tensor(tokens, device=z.device), temperature)
+            terms.append(policy_loss(lp.sum(), (q - base) / m))
+        return torch.stack(terms).sum()
+
+    # --- candidates -------------------------------------------------------------------------
+
+    def remember(self, i: int, prefix: Sequence[int], text: str, reward: float) -> None:
+        """A candidate whose greedy continuation of ``prefix`` is known (e.g. the CoT itself)."""
+        if self.reuse:
+            self.tried.setdefault(i, {})[tuple(prefix)] = (text, reward)
+
+    def score_prefixes(self, rows: Sequence[tuple[int, Prefix]], prompts, problems, state) -> tuple[list[str], list[float], list[int]]:
+        """Per row (problem, prefix): the model's greedy continuation after the prefix, its
+        reward, and the tokens generated for both. A prefix the problem met before (in this
+        call or an earlier one) is neither generated nor scored again: 0 tokens."""
+        texts, rewards, spent = [""] * len(rows), [0.0] * len(rows), [0] * len(rows)
+        fresh: list[int] = []
+        source: dict[tuple[int, Prefix], int] = {}  # the row that generates each new (problem, prefix)
+        for r, (i, x) in enumerate(rows):
+            if self.reuse and (x in self.tried.get(i, {}) or (i, x) in source):
+                continue
+            fresh.append(r)
+            source[(i, x)] = r
+        if fresh:
+            out = self.engine.generate([prompts[rows[r][0]] for r in fresh], prefixes=[list(rows[r][1]) for r in fresh],
+                                       prompt_state=state and state.select([rows[r][0] for r in fresh]))
+            fresh_texts = self.engine.decode(out.tokens)
+            scores = self.reward.score(self.engine, [problems[rows[r][0]] for r in fresh], fresh_texts)
+            for k, r in enumerate(fresh):
+                texts[r], rewards[r] = fresh_texts[k], scores.rewards[k]
+                spent[r] = out.new_tokens[k] + scores.tokens[k]
+        if self.reuse:
+            generated = set(fresh)
+            for r, (i, x) in enumerate(rows):
+                if r in generated:
+                    if math.isfinite(rewards[r]):  # a non-finite reward is not kept: its problem stops
+                        self.tried.setdefault(i, {})[x] = (texts[r], rewards[r])
+                elif (i, x) in source:  # a repeat within this call
+                    texts[r], rewards[r] = texts[source[(i, x)]], rewards[source[(i, x)]]
+                else:  # met in an earlier call
+                    texts[r], rewards[r] = self.tried[i][x]
+        return texts, rewards, spent
+
+    def sample_step(self, active: Sequence[int], m: int, temperature: float, baseline: str, samplers: Sequence[torch.Generator],
+                    cut: Callable[[int, list[int]], list[int]], prompts, problems, state) -> tuple[dict[int, Samples], dict[int, Tensor]]:
+        """M prefixes per active problem sampled from its latent policy (``cut`` may shorten
+        each), finished by the model and scored, and the policy-gradient loss of each problem
+        with rewards compared to ``baseline``: ``[i1, i2] -> rows [i1 x M, i2 x M]``. A problem
+        whose rewards are not finite gets no loss (its record says why)."""
+        rows = [(i, tuple(cut(i, sample_latents(self.head, self.latents[i], temperature, samplers[i]))))
+                for i in active for _ in range(m)]
+        texts, rewards, spent = self.score_prefixes(rows, prompts, problems, state)
+        results, losses = {}, {}
+        for k, i in enumerate(active):
+            mine = slice(k * m, (k + 1) * m)
+            q = rewards[mine]
+            if numerical_error(self.records[i], "reward", sum(q)):
+                continue
+            results[i] = Samples([x for _, x in rows[mine]], texts[mine], q, sum(spent[mine]))
+            losses[i] = self.samples_loss(i, results[i].prefixes, q, baseline_value(baseline, q), temperature)
+        return results, losses
