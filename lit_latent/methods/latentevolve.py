@@ -13,6 +13,7 @@ training on the memory) are that callback's too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -63,12 +64,7 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         return keep_through_first_change(prefix, original[i]) if cfg.regenerate_after_first_change else prefix
 
     # 5. refine: M sampled outputs per step, stop after `patience` steps without a better mean reward
-    best = {i: float("-inf") for i in usable}  # the best mean reward so far, and the latents that had it
-    best_latents = {i: search.latents[i].detach().clone() for i in usable}
-    stale = {i: 0 for i in usable}
-    last_mean = {i: 0.0 for i in usable}
-    # evolve.answer=sample: the highest-reward output so far, (reward, text); the scored CoT starts it
-    best_sample = {i: (records[i].get("cot_reward", float("-inf")), None) for i in usable}
+    progress = {i: Progress(search.latents[i].detach().clone(), (records[i].get("cot_reward", float("-inf")), None)) for i in usable}
     active = list(usable)
     for step in range(cfg.max_steps):
         if not active:
@@ -78,46 +74,62 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         for i, s in results.items():
             mean, top = sum(s.rewards) / m, s.best()
             answer, correct = judge(problems[i], s.texts[top])
-            rec = records[i]
-            rec["rewards"].append(mean)
-            rec["iterations"] += 1
-            rec["tokens"] += s.tokens
-            rec["candidates"].append({"reward": mean, "best_reward": s.rewards[top], "answer": answer, "correct": correct})
-            last_mean[i] = mean
-            if s.rewards[top] > best_sample[i][0]:
-                best_sample[i] = (s.rewards[top], s.texts[top])
-            if mean > best[i]:
-                best[i], stale[i], best_latents[i] = mean, 0, search.latents[i].detach().clone()
-            else:
-                stale[i] += 1
-        active = [i for i in search.step(losses) if stale[i] < cfg.patience]
+            records[i]["candidates"].append({"reward": mean, "best_reward": s.rewards[top], "answer": answer, "correct": correct})
+            records[i]["rewards"].append(mean)
+            records[i]["iterations"] += 1
+            records[i]["tokens"] += s.tokens
+            progress[i].update(mean, s.rewards[top], s.texts[top], search.latents[i])
+        active = [i for i in search.step(losses) if progress[i].stale < cfg.patience]
 
-    # 6. the answer: greedy from z* (the last step's latents, or with answer=best/sample the best step's);
-    # answer=sample: the best sampled output itself
-    z_star = {i: search.latents[i] for i in usable}
-    if cfg.answer in ("best", "sample"):
-        for i in usable:
-            if records[i]["rewards"]:
-                z_star[i], last_mean[i] = best_latents[i], best[i]
     if not usable:
         return records
+    # 6. the answer: greedy from z*, the last step's latents (answer=best: the best step's), or
+    # (answer=sample) the best sampled output itself
+    chosen = {i: progress[i].chosen(cfg.answer, search.latents[i]) if records[i]["rewards"] else (search.latents[i], 0.0) for i in usable}
     if cfg.answer == "sample":
-        final_texts = [records[i]["output"] if best_sample[i][1] is None else best_sample[i][1] for i in usable]
+        final_texts = [records[i]["output"] if progress[i].best_sample[1] is None else progress[i].best_sample[1] for i in usable]
         new_tokens = [0] * len(usable)
     else:
-        prefixes = [cut(i, decode_latents(engine.lm_head, z_star[i])) for i in usable]
+        prefixes = [cut(i, decode_latents(engine.lm_head, chosen[i][0])) for i in usable]
         out = engine.generate([prompts[i] for i in usable], prefixes=prefixes, prompt_state=cached and cached.select(usable))
         final_texts, new_tokens = engine.decode(out.tokens), out.new_tokens
     for k, i in enumerate(usable):
+        z_star, score = chosen[i]
         answer, correct = judge(problems[i], final_texts[k])
-        rec = records[i]
-        rec.update(output=final_texts[k], final_answer=answer, correct=correct, final_mean_reward=last_mean[i])
-        rec["tokens"] += new_tokens[k]
-        rec.update(engine.describe_latents(z_star[i]))
+        records[i].update(output=final_texts[k], final_answer=answer, correct=correct, final_mean_reward=score)
+        records[i]["tokens"] += new_tokens[k]
+        records[i].update(engine.describe_latents(z_star))
         # 7. what the memory callback archives (when final_mean_reward >= tau): the memory's L' latents
-        rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(),
-                           "z_star": z_star[i][: cfg.latent_count].detach().cpu(), "score": last_mean[i]}
+        records[i]["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(),
+                                  "z_star": z_star[: cfg.latent_count].detach().cpu(), "score": score}
     return records
+
+
+@dataclass
+class Progress:
+    """One problem's refinement so far."""
+
+    best_latents: torch.Tensor
+    """The latents whose M samples scored the best mean reward (before that step's update)."""
+    best_sample: tuple[float, Optional[str]]
+    """The highest-reward output sampled so far, (reward, text); the scored CoT starts it."""
+    best_mean: float = float("-inf")
+    last_mean: float = 0.0
+    stale: int = 0
+    """Steps since the mean reward last improved."""
+
+    def update(self, mean: float, top_reward: float, top_text: str, latents: torch.Tensor) -> None:
+        self.last_mean = mean
+        if top_reward > self.best_sample[0]:
+            self.best_sample = (top_reward, top_text)
+        if mean > self.best_mean:
+            self.best_mean, self.stale, self.best_latents = mean, 0, latents.detach().clone()
+        else:
+            self.stale += 1
+
+    def chosen(self, rule: str, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """z* and its mean reward: the last step's (answer=last) or the best step's."""
+        return (latents, self.last_mean) if rule == "last" else (self.best_latents, self.best_mean)
 
 
 def starting_latents(e, z_base, usable, records, cfg: EvolveConfig, memory, weaver) -> list[torch.Tensor]:
