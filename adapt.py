@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from lit_latent.config import AdaptConfig, UserError, help_text, load_config, parse_args
+from lit_latent.cli import help_text, load_config, parse_args
+from lit_latent.config import AdaptConfig, UserError
 from lit_latent.runs import GracefulStop, prepare_run_dir, quiet_lightning, run_entry_point
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lit_latent.config import TrainConfig, UserError, help_text, load_config, parse_args
+from lit_latent.cli import help_text, load_config, parse_args
+from lit_latent.config import TrainConfig, UserError
 from lit_latent.runs import quiet_lightning, run_entry_point
 
 if TYPE_CHECKING:

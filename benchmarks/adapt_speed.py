@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from lit_latent.config import HELDOUT_PATH, MODEL_DIR, AdaptConfig, load_config  # noqa: E402
+from lit_latent.cli import load_config  # noqa: E402
+from lit_latent.config import HELDOUT_PATH, MODEL_DIR, AdaptConfig  # noqa: E402
 from lit_latent.runs import quiet_lightning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

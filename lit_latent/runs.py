@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lit_latent.config import UserError, to_yaml
+from lit_latent.cli import to_yaml
+from lit_latent.config import UserError
 
 
 def prepare_run_dir(cfg: Any) -> Path:

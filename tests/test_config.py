@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_latent.config import AdaptConfig, TrainConfig, UserError, help_text, load_config, parse_args
+from lit_latent.cli import help_text, load_config, parse_args
+from lit_latent.config import AdaptConfig, TrainConfig, UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

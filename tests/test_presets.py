@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import adapt
-from lit_latent.config import AdaptConfig, load_config
+from lit_latent.cli import load_config
+from lit_latent.config import AdaptConfig
 from lit_latent.results import read_records
 from lit_latent.runs import run_entry_point
 
