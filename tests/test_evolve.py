@@ -286,3 +286,56 @@ def test_answer_sample_answers_with_the_best_scored_sample_and_keeps_a_better_sc
     # the scored CoT (0.6 > any sample's 0.49, under the 0.8 threshold) competes, and wins
     kept = evolve_day(tiny_model, char_tokenizer, TextReward(first=0.6), answer="sample", stop_threshold=0.8, sample_temperature=50.0)
     assert all(r["iterations"] > 0 and r["output"] == r["initial_output"] for r in kept)
+
+
+class Shift(torch.nn.Module):
+    """A stand-in weaver: z_base -> z_base + a fixed offset."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, e, z_base):
+        return z_base + self.offset
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_starting_latents_are_the_weavers_map_plus_the_momentum_of_known_neighbours(tiny_model, char_tokenizer, tmp_path, monkeypatch):
+    from lit_latent import search as search_lib
+    from lit_latent.methods.latentevolve import latent_evolve
+
+    cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.evolve = EvolveConfig(latent_count=3, samples=2, max_steps=1, top_k=3, night_every=0)
+    engine = Engine(tiny_model, char_tokenizer, cfg)
+    problems = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i), "choices": None} for i in range(2)]
+    # three remembered problems with known edits z* - z_base
+    g = torch.Generator().manual_seed(1)
+    mem_e, mem_zb = torch.randn(3, 32, generator=g), torch.randn(3, 3, 32, generator=g)
+    edits = torch.randn(3, 3, 32, generator=g)
+    memory = EpisodicMemory(tmp_path / "mem", "tiny", 32)
+    memory.add(mem_e, mem_zb, mem_zb + edits, [1.0] * 3, ["m0", "m1", "m2"])
+    offset = torch.full((3, 32), 0.25)
+    starts = {}
+    real_add = search_lib.LatentSearch.add
+
+    def spy(self, i, start):
+        starts[i] = start.clone()
+        real_add(self, i, start)
+
+    monkeypatch.setattr(search_lib.LatentSearch, "add", spy)
+    with torch.enable_grad():
+        records = latent_evolve(engine, problems, IdReward([]), cfg.evolve, memory, Shift(offset))
+
+    # what the method should start from, worked out here: e is the prompt's last post-norm state,
+    # z_base the CoT's first 3 latents, weights softmax over the cosines with the 3 memories
+    prompts = engine.encode(problems)
+    first = engine.generate(prompts, return_hidden=True)
+    for i, ids in enumerate(prompts):
+        e = tiny_model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        cos = torch.tensor([float(e @ m / (e.norm() * m.norm())) for m in mem_e])
+        alpha = cos.exp() / cos.exp().sum()
+        expected = first.hidden[i][:3] + offset + sum(alpha[j] * edits[j] for j in range(3))
+        torch.testing.assert_close(starts[i], expected, atol=1e-4, rtol=1e-4)
+        assert sorted(records[i]["neighbours"]) == ["m0", "m1", "m2"]
+    # the weaver and the transfer really moved the start away from z_base
+    assert all(float((starts[i] - first.hidden[i][:3]).abs().max()) > 0.2 for i in starts)

@@ -85,8 +85,15 @@ def test_early_stop_and_iteration_cap(tiny_model, char_tokenizer):
     assert [r["iterations"] for r in recs] == [1, 1, 1]
     recs = run(tiny_model, char_tokenizer, make_cfg(), PassAfterReward(0))
     assert all(r["iterations"] == 0 and r["output"] == r["initial_output"] for r in recs)
-    # reward generation tokens (1 per scoring in PassAfterReward) are counted
-    assert all(r["tokens"] >= 1 for r in recs)
+    # tokens: the CoT's generated tokens (EOS included) + 1 per scoring in PassAfterReward
+    engine = Engine(tiny_model, char_tokenizer, make_cfg())
+    cot = engine.generate(engine.encode(PROBLEMS))
+    assert [r["tokens"] for r in recs] == [n + 1 for n in cot.new_tokens]
+    # each candidate adds its own generated tokens + 1; the record's total is the sum
+    recs = run(tiny_model, char_tokenizer, make_cfg(max_iterations=2), PassAfterReward(5))
+    for r, n in zip(recs, cot.new_tokens):
+        assert all(c["tokens"] >= 2 for c in r["candidates"])  # at least one new token and the scoring
+        assert r["tokens"] == n + 1 + sum(c["tokens"] for c in r["candidates"])
 
 
 def test_same_seed_same_records(tiny_model, char_tokenizer):
@@ -117,14 +124,30 @@ def test_regenerate_after_first_change_regenerates_after_the_flip(tiny_model, ch
     assert flipped >= 1  # some candidate really dropped latent tokens after a flip
 
 
-@pytest.mark.parametrize("reward", [VerifierReward(), SelfReward("latentseek"), SelfReward("latentevolve"), SelfReward("steps"), MajorityReward(3)])
-def test_every_reward_kind_is_in_unit_interval(tiny_model, char_tokenizer, reward):
+# factories: a reward instance made at collection would be shared by the llama and qwen2 runs
+# (the majority reward would read the first model's cached vote in the second)
+@pytest.mark.parametrize("make_reward", [VerifierReward, lambda: SelfReward("latentseek"), lambda: SelfReward("latentevolve"),
+                                         lambda: SelfReward("steps"), lambda: MajorityReward(3)])
+def test_every_reward_kind_is_in_unit_interval(tiny_model, char_tokenizer, make_reward):
+    reward = make_reward()
     engine = Engine(tiny_model, char_tokenizer, make_cfg())
     completions = ["2 + 3 = 5\nThe answer is \\boxed{5}.", "4 + 3 = 8\nThe answer is \\boxed{8}.", "garbage"]
     scores = reward.score(engine, PROBLEMS, completions)
     assert len(scores.rewards) == 3 and all(0.0 <= r <= 1.0 for r in scores.rewards)
     if isinstance(reward, VerifierReward):
         assert scores.rewards == [1.0, 0.0, 0.0]
+
+
+def test_majority_votes_once_per_problem_and_forgets_it_after_the_batch(tiny_model, char_tokenizer):
+    engine = Engine(tiny_model, char_tokenizer, make_cfg())
+    reward = MajorityReward(3)
+    completions = ["2 + 3 = 5\nThe answer is \\boxed{5}."] * 3
+    first = reward.score(engine, PROBLEMS, completions)
+    again = reward.score(engine, PROBLEMS, completions)
+    assert all(n > 0 for n in first.tokens) and again.tokens == [0, 0, 0]  # the vote's cost is counted once
+    assert again.rewards == first.rewards
+    reward.forget([p["id"] for p in PROBLEMS])
+    assert reward.score(engine, PROBLEMS, completions).tokens == first.tokens  # voted anew, same seeds
 
 
 def test_nan_reward_keeps_last_good_candidate_and_the_run_goes_on(tiny_model, char_tokenizer):

@@ -180,6 +180,22 @@ def test_bf16_autocast_switch_runs_latentseek_with_self_reward_and_keeps_weights
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_under_bf16_autocast_the_latents_still_move_to_the_rewarded_token(char_tokenizer):
+    # the bug this catches: latents decoded through autocast's cached bf16 cast of the leaf kept
+    # decoding to their first tokens after every Adam step, so nothing was ever adapted
+    from conftest import make_tiny_model
+    from custom_rewards import FirstCharReward
+    from test_module import first_tokens
+
+    model = make_tiny_model("llama", len(char_tokenizer))
+    greedy, runner_up = first_tokens(model, char_tokenizer, PROBLEMS[0])
+    cfg = make_cfg(lr=0.1, samples=32, sample_temperature=0.1, stop_threshold=2.0, max_iterations=6)
+    cfg.perf.autocast = True
+    for r in predict(model, char_tokenizer, cfg, FirstCharReward(target=runner_up, original=greedy, keep=0.0), batch_size=3):
+        prefixes = [c["latent_prefix"] for c in r["candidates"]]
+        assert r["initial_output"].startswith(greedy) and prefixes[-1] == runner_up, prefixes
+
+
 @pytest.mark.slow
 def test_compiled_forward_gives_the_same_records(char_tokenizer):
     from conftest import make_tiny_model
