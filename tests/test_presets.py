@@ -48,7 +48,7 @@ def test_preset_runs_on_its_shared_file(preset, tiny_model_dir, shared_data, tmp
     shared = shared_data / SHARED_FILES[preset]
     summary = run_preset(tiny_model_dir, tmp_path / "run", preset)
     records = read_records(tmp_path / "run" / "predictions.jsonl")
-    rows = [json.loads(line) for line in shared.open()][:3]
+    rows = [json.loads(line) for line in shared.read_text(encoding="utf-8").splitlines()][:3]
     assert [r["id"] for r in records] == [row["id"] for row in rows]
     assert [r["gold"] for r in records] == [row["answer"] for row in rows]
     assert all(1 <= r["tokens"] <= 4 for r in records)
