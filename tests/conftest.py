@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,18 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0):
     model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
     model.eval().requires_grad_(False)
     return model
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""The benchmark files (gsm8k, math500, aime24) kept beside the checkout, as configs/data/*.yaml expect."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout; the test is skipped, with the reason, when it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"benchmark data not found: {SHARED_DATA} (the shared data folder beside the checkout)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from lit_latent.results import read_records, repair
 from lit_latent.runs import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture()
@@ -101,10 +100,8 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip() == "error: command line: unknown config key data.limt (did you mean data.limit?)"
 
 
-def test_gsm8k_limit_5_on_a_local_hf_model(tiny_model_dir, tmp_path):
-    path = SHARED / "gsm8k_test.jsonl"
-    if not path.is_file():
-        pytest.skip("shared data not beside the checkout")
+def test_gsm8k_limit_5_on_a_local_hf_model(tiny_model_dir, shared_data, tmp_path):
+    path = shared_data / "gsm8k_test.jsonl"
     run_dir = tmp_path / "gsm"
     adapt.main(adapt_args(tiny_model_dir, path, run_dir, "data.limit=5"))
     assert len(read_records(run_dir / "predictions.jsonl")) == 5

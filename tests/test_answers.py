@@ -20,9 +20,6 @@ from lit_latent.answers import (
     wilson_interval,
 )
 
-DATA = Path("/work/shared/data")
-
-
 @pytest.mark.parametrize(
     "gold, pred, expected",
     [
@@ -145,8 +142,8 @@ def test_extract_answer(text: str, choices: int, expected: str | None) -> None:
     assert extract_answer(text, choices) == expected
 
 
-def _golds(name: str, k: int | None) -> list[str]:
-    rows = [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+def _golds(path: Path, k: int | None) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     golds = [r["answer"] for r in rows]
     # gsm8k golds are all integers: a sample is enough; math500/aime are checked in full
     return random.Random(0).sample(golds, k) if k and k < len(golds) else golds
@@ -161,10 +158,10 @@ def _golds(name: str, k: int | None) -> list[str]:
         ("gsm8k_train_sample.jsonl", 100),
     ],
 )
-def test_every_gold_matches_itself(name: str, k: int | None) -> None:
+def test_every_gold_matches_itself(name: str, k: int | None, shared_data: Path) -> None:
     """math_equal skips the string fast path, so math-verify must really accept each gold."""
     bad = []
-    for gold in _golds(name, k):
+    for gold in _golds(shared_data / name, k):
         completion = f"Putting it together, the answer is $\\boxed{{{gold}}}$."
         extracted = extract_answer(completion)
         if not (is_equivalent(gold, gold) and math_equal(gold, gold) and math_equal(gold, extracted)):

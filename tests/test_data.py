@@ -1,19 +1,13 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from lit_latent.config import UserError
 from lit_latent.data import ProblemDataModule, read_problems, user_message
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.mark.parametrize("name, rows", [("gsm8k_test", 1319), ("math500_test", 500), ("aime24", 30), ("gsm8k_train_sample", 500)])
-def test_shared_files_load_as_they_are(name, rows):
-    path = SHARED / f"{name}.jsonl"
-    if not path.is_file():
-        pytest.skip("shared data not beside the checkout")
+def test_shared_files_load_as_they_are(name, rows, shared_data):
+    path = shared_data / f"{name}.jsonl"
     problems = read_problems(path)
     assert len(problems) == rows
     assert all(p["problem"] and p["answer"] for p in problems)

@@ -44,14 +44,12 @@ def run_preset(tiny_model_dir, run_dir, preset, *extra):
 
 
 @pytest.mark.parametrize("preset", [name for name, f in SHARED_FILES.items() if f])
-def test_preset_runs_on_its_shared_file(preset, tiny_model_dir, tmp_path, monkeypatch):
+def test_preset_runs_on_its_shared_file(preset, tiny_model_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the presets' paths are relative to the repo root
-    shared = ROOT.parent / "shared" / "data" / SHARED_FILES[preset]
-    if not shared.is_file():
-        pytest.skip(f"{shared} not beside the checkout")
+    shared = shared_data / SHARED_FILES[preset]
     summary = run_preset(tiny_model_dir, tmp_path / "run", preset)
     records = read_records(tmp_path / "run" / "predictions.jsonl")
-    rows = [json.loads(line) for line in shared.open()][:3]
+    rows = [json.loads(line) for line in shared.read_text(encoding="utf-8").splitlines()][:3]
     assert [r["id"] for r in records] == [row["id"] for row in rows]
     assert [r["gold"] for r in records] == [row["answer"] for row in rows]
     assert all(1 <= r["tokens"] <= 4 for r in records)
