@@ -22,7 +22,7 @@ from lit_latent.config import EvolveConfig
 from lit_latent.engine import Engine
 from lit_latent.generation import encode_prompts
 from lit_latent.latents import decode_latents, keep_through_first_change, latent_count, momentum_init
-from lit_latent.records import judge
+from lit_latent.records import add_candidate, judge
 from lit_latent.rewards import Reward
 from lit_latent.search import LatentSearch
 
@@ -72,12 +72,10 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         results, losses = search.sample_step(active, m, cfg.sample_temperature, cfg.baseline, samplers, cut,
                                              prompts, problems, cached)
         for i, s in results.items():
+            # the step's candidate, as LatentSeek's: its best sample (reward: the M samples' mean)
             mean, top = sum(s.rewards) / m, s.best()
-            answer, correct = judge(problems[i], s.texts[top])
-            records[i]["candidates"].append({"reward": mean, "best_reward": s.rewards[top], "answer": answer, "correct": correct})
-            records[i]["rewards"].append(mean)
-            records[i]["iterations"] += 1
-            records[i]["tokens"] += s.tokens
+            add_candidate(records[i], problems[i], s.texts[top], s.tokens, mean)
+            records[i]["candidates"][-1]["best_reward"] = s.rewards[top]
             progress[i].update(mean, s.rewards[top], s.texts[top], search.latents[i])
         active = [i for i in search.step(losses) if progress[i].stale < cfg.patience]
 
@@ -87,7 +85,7 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
     # (answer=sample) the best sampled output itself
     chosen = {i: progress[i].chosen(cfg.answer, search.latents[i]) if records[i]["rewards"] else (search.latents[i], 0.0) for i in usable}
     if cfg.answer == "sample":
-        final_texts = [records[i]["output"] if progress[i].best_sample[1] is None else progress[i].best_sample[1] for i in usable]
+        final_texts = [records[i]["initial_output"] if progress[i].best_sample[1] is None else progress[i].best_sample[1] for i in usable]
         new_tokens = [0] * len(usable)
     else:
         prefixes = [cut(i, decode_latents(engine.lm_head, chosen[i][0])) for i in usable]
