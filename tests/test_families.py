@@ -109,3 +109,122 @@ def test_greedy_tokens_equal_model_generate(family, char_tokenizer):
     assert generate(model, prompts, **kw).tokens == want
     assert generate(model, prompts, prompt_state=encode_prompts(model, prompts, 0), **kw).tokens == want
     assert generate(model, prompts, use_cache=False, **kw).tokens == want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_draws_from_the_models_distribution(family, char_tokenizer, monkeypatch):
+    # every step's logits handed to the sampler, against the model's own forward over the same tokens
+    model = family_model(family, len(char_tokenizer))
+    seen = []
+    pick = generation._pick
+    monkeypatch.setattr(generation, "_pick", lambda logits, *a: seen.append(logits.clone()) or pick(logits, *a))
+    T = 0.7
+    for text in PROMPTS:
+        prompt = char_tokenizer(text)["input_ids"]
+        seen.clear()
+        out = generate(model, [prompt], max_new_tokens=5, eos_ids=[1], pad_id=0, temperature=T,
+                       generators=[torch.Generator().manual_seed(0)])
+        ref = model(input_ids=torch.tensor([prompt + out.tokens[0]])).logits[0].float()
+        assert 0 < len(seen) <= len(out.tokens[0]) + 1
+        for j, logits in enumerate(seen):
+            torch.testing.assert_close(torch.log_softmax(logits[0] / T, -1), torch.log_softmax(ref[len(prompt) - 1 + j] / T, -1),
+                                       atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_latent_policy_is_the_models_distribution(family, char_tokenizer):
+    # the latents generate returns, through LogitHead, give the model's log-probs of the tokens they
+    # produced: on a fresh prefill and after a forced prefix on a cached prompt
+    from lit_latent.heads import LogitHead, latent_size
+    from lit_latent.kvcache import encode_prompts
+    from lit_latent.latents import token_log_probs
+
+    model = family_model(family, len(char_tokenizer))
+    head = LogitHead(model)
+    prompts = [char_tokenizer(p)["input_ids"] for p in PROMPTS]
+    kw = dict(max_new_tokens=6, eos_ids=[1], pad_id=0, return_hidden=True)
+    first = generate(model, prompts, **kw)
+    again = generate(model, prompts, prefixes=[t[:2] for t in first.tokens], prompt_state=encode_prompts(model, prompts, 0), **kw)
+    T = 0.7
+    for out in (first, again):
+        for prompt, tokens, hidden in zip(prompts, out.tokens, out.hidden):
+            assert hidden.shape == (len(tokens), latent_size(model))
+            ref = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+            want = torch.log_softmax(ref / T, -1)
+            torch.testing.assert_close(torch.log_softmax(head(hidden).float() / T, -1), want, atol=1e-4, rtol=1e-4)
+            got = token_log_probs(head, hidden, torch.tensor(tokens), T)
+            torch.testing.assert_close(got, want.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_problems(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "two.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in (1, 2)))
+    return path
+
+
+def _family_dir(family, tokenizer, root: Path) -> Path:
+    path = root / family
+    if not path.is_dir():
+        model = family_model(family, len(tokenizer))
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+RUNS = {
+    "cot": ["--config", str(ROOT / "configs" / "cot.yaml")],
+    "latentseek": ["--config", str(ROOT / "configs" / "latentseek.yaml"), "reward.kind=verifier", "latent.max_iterations=2"],
+    # one problem a batch, so the second retrieves the first; tau 0 archives both, and the night after them trains a weaver
+    "latentevolve": ["--config", str(ROOT / "configs" / "latentevolve.yaml"), "reward.kind=verifier", "evolve.samples=2",
+                     "evolve.max_steps=2", "evolve.latent_count=3", "evolve.archive_threshold=0.0", "evolve.night_every=2",
+                     "data.batch_size=1", "weaver.max_epochs=1"],
+}
+
+
+def _run_cases():
+    for family in FAMILIES:
+        for method in RUNS:
+            marks = [] if family in DEFAULT_RUNS else [pytest.mark.slow]
+            if family == "opt_project_out" and method == "latentevolve":
+                # adapt.setup_latent_evolve sizes the memory by config.hidden_size (64) until NOTES-24.md is applied
+                marks.append(pytest.mark.xfail(strict=True, reason="adapt.py still sizes the memory by config.hidden_size"))
+            yield pytest.param(family, method, marks=marks, id=f"{family}-{method}")
+
+
+@pytest.mark.parametrize("family, method", list(_run_cases()))
+def test_methods_run_end_to_end(family, method, char_tokenizer, two_problems, tmp_path_factory):
+    import adapt
+    from lit_latent.results import read_records
+
+    model_dir = _family_dir(family, char_tokenizer, tmp_path_factory.getbasetemp() / "families")
+    run_dir = tmp_path_factory.mktemp(f"{family}-{method}")
+    adapt.main([*RUNS[method], f"model.path={model_dir}", f"data.path={two_problems}", f"run_dir={run_dir}",
+                "generation.max_new_tokens=8", "trainer.accelerator=cpu"])
+    records = read_records(run_dir / "predictions.jsonl")
+    assert [r["id"] for r in records] == ["p1", "p2"]
+    if method == "latentevolve":
+        assert (run_dir / "weaver" / "night-001" / "weaver.json").is_file()
+        assert records[1].get("neighbours") == ["p1"]
+
+
+def test_latents_are_sized_by_the_heads_input_where_opt_projects_out(char_tokenizer):
+    # opt-350m's shape: the memory and weaver take latents of lm_head's input size, not config.hidden_size
+    from lit_latent.config import WeaverConfig
+    from lit_latent.heads import latent_size
+    from lit_latent.kvcache import encode_prompts
+    from lit_latent.memory import EpisodicMemory
+    from lit_latent.weaver import build_weaver
+
+    model = family_model("opt_project_out", len(char_tokenizer))
+    assert (model.config.hidden_size, latent_size(model)) == (64, 32)
+    prompt = [char_tokenizer(PROMPTS[0])["input_ids"]]
+    e = encode_prompts(model, prompt, 0).last
+    z = generate(model, prompt, max_new_tokens=4, eos_ids=[1], pad_id=0, return_hidden=True).hidden[0][None, :3]
+    memory = EpisodicMemory(None, "opt", latent_size(model))
+    memory.add(e, z, z, [1.0], ["p"])
+    assert memory.search(e, k=1)[0].z_star.shape == (1, 3, 32)
+    weaver = build_weaver(WeaverConfig(layers=1, heads=2), latent_size(model), e.shape[-1], 3)
+    assert weaver(e, z).shape == z.shape

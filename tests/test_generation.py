@@ -185,3 +185,28 @@ def test_packed_branches_fall_back_where_4d_masks_are_not_taken(tiny_model, char
                                  eos_ids=[1], pad_id=0) == packed
     finally:
         del tiny_model.__dict__[_PROBED]
+
+
+def test_models_it_cannot_serve_are_refused_in_one_line(tmp_path, char_tokenizer):
+    import pytest
+    from transformers import DistilBertConfig, DistilBertModel, T5Config, T5ForConditionalGeneration
+
+    from lit_latent.config import ModelConfig, UserError
+    from lit_latent.generation import load_model
+
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(char_tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1,
+                                        num_heads=2)).save_pretrained(t5)
+    encoder = tmp_path / "encoder"
+    DistilBertModel(DistilBertConfig(vocab_size=len(char_tokenizer), dim=16, hidden_dim=32, n_layers=1,
+                                     n_heads=2)).save_pretrained(encoder)
+    for folder in (t5, encoder):
+        char_tokenizer.save_pretrained(folder)
+    for path, why in [
+        ("Qwen/Qwen2-0.5B", "looks like a Hugging Face hub id"),
+        (str(t5), "is an encoder-decoder model (t5)"),
+        (str(encoder), "cannot load a causal LM"),
+    ]:
+        with pytest.raises(UserError, match="config key model.path: ") as err:
+            load_model(ModelConfig(path=path))
+        assert why in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
