@@ -131,7 +131,10 @@ def test_missing_memory_and_missing_faiss_are_user_errors(tmp_path):
 
 
 class _ElsewhereTensor(torch.Tensor):
-    """A CPU tensor that says it lives on the 'meta' device: stands in for a GPU query here."""
+    """A CPU tensor that says it lives on the 'meta' device: stands in for a GPU query here
+    (what ops make of it are plain CPU tensors, so only an explicit move reaches 'meta')."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
     @property
     def device(self):
