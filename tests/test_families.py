@@ -178,6 +178,10 @@ RUNS = {
     "cot": ["--config", str(ROOT / "configs" / "cot.yaml")],
     "latentseek": ["--config", str(ROOT / "configs" / "latentseek.yaml"), "reward.kind=verifier", "latent.max_iterations=2"],
     # one problem a batch, so the second retrieves the first; tau 0 archives both, and the night after them trains a weaver
+    # self-reward: the model answers its verification questions, packed after a shared opening
+    # where the model takes 4D masks, one row per question where it does not (ALiBi)
+    "latentseek_self": ["--config", str(ROOT / "configs" / "latentseek.yaml"), "reward.kind=self", "reward.scheme=latentseek",
+                        "latent.max_iterations=1"],
     "latentevolve": ["--config", str(ROOT / "configs" / "latentevolve.yaml"), "reward.kind=verifier", "evolve.samples=2",
                      "evolve.max_steps=2", "evolve.latent_count=3", "evolve.archive_threshold=0.0", "evolve.night_every=2",
                      "data.batch_size=1", "weaver.max_epochs=1"],
@@ -188,6 +192,8 @@ def _run_cases():
     for family in FAMILIES:
         for method in RUNS:
             marks = [] if family in DEFAULT_RUNS else [pytest.mark.slow]
+            if method == "latentseek_self" and family not in ("bloom", "falcon_alibi", "llama"):
+                continue
             if family == "opt_project_out" and method == "latentevolve":
                 # adapt.setup_latent_evolve sizes the memory by config.hidden_size (64) until NOTES-24.md is applied
                 marks.append(pytest.mark.xfail(strict=True, reason="adapt.py still sizes the memory by config.hidden_size"))
@@ -228,3 +234,18 @@ def test_latents_are_sized_by_the_heads_input_where_opt_projects_out(char_tokeni
     assert memory.search(e, k=1)[0].z_star.shape == (1, 3, 32)
     weaver = build_weaver(WeaverConfig(layers=1, heads=2), latent_size(model), e.shape[-1], 3)
     assert weaver(e, z).shape == z.shape
+
+
+@pytest.mark.parametrize("family, packs", [("llama", True), ("gpt2", True), ("mpt", True), ("bloom", False), ("falcon_alibi", False)])
+def test_packed_branches_where_4d_masks_are_taken_and_the_same_answers_where_not(family, packs, char_tokenizer):
+    from lit_latent.kvcache import accepts_4d_mask, encode_prompts, generate_branches
+
+    model = family_model(family, len(char_tokenizer))
+    assert accepts_4d_mask(model) is packs
+    openings = [char_tokenizer(t)["input_ids"] for t in ("Problem: 3 + 5. Solution: 8.", "other")]
+    branches = [[char_tokenizer(t)["input_ids"] for t in (" Right?", " Boxed?")], [char_tokenizer(" ok?")["input_ids"]]]
+    tokens, counts = generate_branches(model, encode_prompts(model, openings, 0), branches, max_new_tokens=5, eos_ids=[1], pad_id=0)
+    for opening, row, got, got_counts in zip(openings, branches, tokens, counts):
+        for tail, toks, n in zip(row, got, got_counts):
+            alone = generate(model, [opening + tail], max_new_tokens=5, eos_ids=[1], pad_id=0)
+            assert (toks, n) == (alone.tokens[0], alone.new_tokens[0])
