@@ -17,22 +17,10 @@ import torch
 from torch import Tensor
 
 from lit_latent.config import ModelConfig, UserError
-from lit_latent.heads import LogitHead, latent_size, logit_transform, output_logits  # noqa: F401  (latent_size, output_logits: re-exported)
+from lit_latent.heads import LogitHead, latent_size, logit_transform, output_logits  # noqa: F401  (the last two: for callers)
+from lit_latent.kvcache import CACHE, PromptState, _left_pad, _positions, extend_prompts, new_cache, step_mask
 # re-exported until module.py imports them from kvcache (NOTES-24.md)
-from lit_latent.kvcache import (  # noqa: F401
-    CACHE,
-    PromptState,
-    ReservedLayer,
-    _left_pad,
-    _positions,
-    accepts_4d_mask,
-    encode_prompts,
-    extend_prompts,
-    full_attention,
-    generate_branches,
-    new_cache,
-    step_mask,
-)
+from lit_latent.kvcache import ReservedLayer, accepts_4d_mask, encode_prompts, full_attention, generate_branches  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +116,8 @@ class Generation:
     tokens: list[list[int]]
     """Per row: the prefix given, then the generated ids (EOS and padding removed)."""
     hidden: Optional[list[Tensor]]
-    """Per row ``[len(tokens), d]``: the post-norm last-layer state that produced each token."""
+    """Per row ``[len(tokens), d]``: the post-norm last-layer state that produced each token
+    (``d = heads.latent_size(model)``, ``lm_head``'s input: after OPT's ``project_out``)."""
     new_tokens: list[int]
     """Per row: tokens the model generated (EOS included), the compute spent."""
     finished: list[bool]

@@ -4,9 +4,11 @@ On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_ba
 ``z_star [n, L', d]``) plus ``manifest.json`` (model id, latent size ``d`` under the key
 ``hidden_size``, latent count, the rewards its entries were scored by and whether any of them
 uses gold labels, and per shard its problem ids and scores). ``d`` is ``lm_head``'s input size
-(``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT). Every write is atomic (temp file, fsync, ``os.replace``)
-and a shard is written before the manifest that lists it, so a killed write leaves the
-previous memory loadable: a shard the manifest does not list is ignored.
+(``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT).
+
+Every write is atomic (temp file, fsync, ``os.replace``) and a shard is written before the
+manifest that lists it, so a killed write leaves the previous memory loadable: a shard the
+manifest does not list is ignored.
 
 In RAM every tensor is kept, with the L2-normalised ``e`` rows cached as one ``[N, D]``
 matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFlatIP`` with
