@@ -50,7 +50,7 @@ def main(argv: list[str]) -> Optional["FitResult"]:
     say(f"memory {memory_dir}: {len(memory)} entries of {memory.latent_count} latents (model {memory.model_id})")
     result = fit_weaver(
         e, z_base, z_star, cfg.weaver, cfg.trainer, out, cfg.seed, memory.hidden_size, memory.model_id,
-        backbone_path=cfg.weaver.backbone_path,
+        backbone_path=cfg.weaver.backbone_path, uses_labels=memory.uses_labels,
     )
     say(f"weaver saved to {result.path} after {result.epochs} epochs")
     say(f"train_mse {result.train_mse_first:.6g} -> {result.train_mse_last:.6g}")

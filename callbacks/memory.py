@@ -70,7 +70,8 @@ class NightCallback(Callback):
         out = self.out_dir / f"night-{night:03d}"
         # the night's fit runs in this process on this device (LatentEvolve runs on one device)
         result = fit_weaver(e, z_base, z_star, self.weaver_cfg, TrainerConfig(accelerator="cpu" if pl_module.device.type == "cpu" else "auto", devices=1),
-                            out, self.seed + night, self.hidden_size, self.model_id, self.backbone_path, progress_bar=False)
+                            out, self.seed + night, self.hidden_size, self.model_id, self.backbone_path, progress_bar=False,
+                            uses_labels=self.memory.uses_labels)
         pl_module.weaver = load_weaver(out, self.hidden_size, self.model_id, backbone_path=self.backbone_path).to(pl_module.device)
         self.nights.append({"after_problems": self.seen, "entries": len(e), "val_mse": result.val_mse,
                             "identity_val_mse": result.identity_val_mse, "checkpoint": str(out)})

@@ -17,17 +17,15 @@ import torch
 
 from lit_latent.config import AdaptConfig
 from lit_latent.data import user_message
-from lit_latent.generation import (
-    Generation,
+from lit_latent.generation import Generation, chat_prompt, eos_token_ids, generate, generate_branches
+from lit_latent.heads import LogitHead
+from lit_latent.kvcache import (
     PromptState,
     ReservedLayer,
-    chat_prompt,
+    accepts_4d_mask,
     encode_prompts,
-    eos_token_ids,
     extend_prompts,
     full_attention,
-    generate,
-    generate_branches,
     new_cache,
 )
 from lit_latent.latents import decode_latents
@@ -84,8 +82,9 @@ class Engine:
         return next(self.model.parameters()).device
 
     @property
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
+    def lm_head(self) -> LogitHead:
+        """Latents -> logits exactly as the model's forward makes them (lm_head, then any softcap or scale)."""
+        return LogitHead(self.model)
 
     @property
     def reference_mode(self) -> bool:
@@ -193,7 +192,7 @@ class Engine:
         for chunk in chunks:
             heads = [ids[members[0]][:cut] for cut, members in chunk]
             state = self.encode_openings(heads)
-            if full_attention(state.cache):
+            if full_attention(state.cache) and accepts_4d_mask(self.model):
                 endings = [[ids[i][cut:] for i in members] for cut, members in chunk]
                 tokens, new_tokens = generate_branches(self.model, state, endings, max_new_tokens=max_new_tokens,
                                                        eos_ids=self.eos_ids, pad_id=self.pad_id)
@@ -201,7 +200,8 @@ class Engine:
                     for i, t, n in zip(members, group_tokens, group_counts):
                         texts[i], counts[i] = self.decode([t])[0], n
                 continue
-            # sliding-window layers need transformers' own masks: one row per message, the opening's cache repeated
+            # sliding-window layers and ALiBi models need transformers' own masks: one row per message,
+            # the opening's cache repeated
             rows = [(g, i, ids[i][cut:]) for g, (cut, members) in enumerate(chunk) for i in members]
             out = self.generate([heads[g] for g, _, _ in rows], prefixes=[tail for _, _, tail in rows],
                                 max_new_tokens=max_new_tokens, prompt_state=state.select([g for g, _, _ in rows]))

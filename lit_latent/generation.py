@@ -1,8 +1,9 @@
 """Model loading and the batched decoding loop that the latent methods need.
 
-``generate`` returns, besides the tokens, the last-layer hidden state *after the final norm*
-that produced every generated token: the latents of docs/algorithms.md, the vectors that
-``lm_head`` turns into logits (``lm_head(hidden[t]).argmax() == tokens[t]`` under greedy).
+``generate`` returns, besides the tokens, the last-layer hidden state that produced every
+generated token: the latents of docs/algorithms.md, the vectors the model's head turns into logits
+(``LogitHead(model)(hidden[t]).argmax() == tokens[t]`` under greedy). The KV-cache machinery
+it runs on is in ``kvcache.py``, the head in ``heads.py``.
 """
 
 from __future__ import annotations
@@ -10,47 +11,80 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from lit_latent.config import ModelConfig, UserError
-
-# the KV cache's argument and output field: transformers 5.2x renamed past_key_values to cache
-# (the old name still works there, with a warning on every run, and is to go in 5.40)
-CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
+from lit_latent.heads import LogitHead, logit_transform
+from lit_latent.kvcache import (
+    CACHE,
+    PromptState,
+    _additive,
+    _left_pad,
+    _positions,
+    accepts_4d_mask,
+    extend_prompts,
+    full_attention,
+    new_cache,
+    step_mask,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(cfg: ModelConfig):
-    """Load a local HF causal LM and its tokenizer, frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a local HF causal LM and its tokenizer, frozen, in eval mode. A model lit_latent cannot
+    serve (a hub id given offline, an encoder-decoder, no causal LM head, logits it cannot
+    reproduce from a latent) is refused in one line naming ``model.path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a tiny bar per load clutters every run's output
 
     path = Path(cfg.path)
+    refuse = lambda why: UserError(f"config key model.path: {cfg.path} {why}")  # noqa: E731
     if not path.is_dir():
+        if _looks_like_hub_id(cfg.path):
+            raise refuse("is not a local directory; it looks like a Hugging Face hub id, and models are read from disk only "
+                         f"(offline): download it first (hf download {cfg.path} --local-dir DIR) and set model.path=DIR")
         raise UserError(f"config key model.path: model directory not found: {cfg.path}")
     if not (path / "config.json").is_file():
         raise UserError(f"config key model.path: {cfg.path} has no config.json (not a Hugging Face model directory)")
     try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise refuse(f"has an unreadable config.json: {_first_line(e)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise refuse(f"is an encoder-decoder model ({config.model_type}); lit_latent needs a decoder-only causal LM")
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {_first_line(e)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], local_files_only=True)
     except Exception as e:
-        raise UserError(f"config key model.path: cannot load a causal LM from {cfg.path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config key model.path: cannot load a causal LM from {cfg.path}: {_first_line(e)}") from None
+    if model.get_output_embeddings() is None:
+        raise refuse(f"({config.model_type}) has no causal LM head (get_output_embeddings() is None)")
     model.eval()
     model.requires_grad_(False)
+    try:
+        logit_transform(model)  # probed now, so a model whose logits cannot be reproduced stops here
+    except Exception as e:
+        raise refuse(f"({config.model_type}): {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def model_id(path: str | Path) -> str:
@@ -90,27 +124,12 @@ class Generation:
     tokens: list[list[int]]
     """Per row: the prefix given, then the generated ids (EOS and padding removed)."""
     hidden: Optional[list[Tensor]]
-    """Per row ``[len(tokens), d]``: the post-norm last-layer state that produced each token."""
+    """Per row ``[len(tokens), d]``: the post-norm last-layer state that produced each token
+    (``d = heads.latent_size(model)``, ``lm_head``'s input: after OPT's ``project_out``)."""
     new_tokens: list[int]
     """Per row: tokens the model generated (EOS included), the compute spent."""
     finished: list[bool]
     """Per row: stopped at EOS rather than at max_new_tokens."""
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def _positions(mask: Tensor) -> Tensor:
-    # left padding: real tokens count 0, 1, 2, ... from their own first position
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional[list[torch.Generator]]) -> Tensor:
@@ -127,124 +146,6 @@ def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional
         return torch.multinomial(probs, 1).squeeze(-1)
     # one generator per row: a row's samples do not depend on which rows share its batch
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-
-
-class ReservedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer with ``room`` positions to spare: a new position is
-    written in place. transformers' ``DynamicLayer`` re-concatenates the whole cache at every
-    token, a full copy per step that took a third of greedy decoding time on CPU.
-
-    Positions below ``length`` are never written again, so layer copies that share a buffer
-    (``copy.copy``) stay correct as long as their generations run one after another."""
-
-    def __init__(self, room: int = 256):
-        super().__init__()
-        self.room, self.length = room, 0
-        self._k: Optional[Tensor] = None
-        self._v: Optional[Tensor] = None
-
-    @classmethod
-    def holding(cls, keys: Tensor, values: Tensor, room: int = 256) -> "ReservedLayer":
-        """A layer that starts with these keys and values (copied into its buffer)."""
-        layer = cls(room)
-        layer.update(keys, values)
-        return layer
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if self._k is None:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self._k, self._v = key_states[:, :, :0], value_states[:, :, :0]
-            self._resize(end + self.room)
-        elif end > self._k.shape[-2]:  # out of room: double it
-            self._resize(max(end, 2 * self._k.shape[-2]))
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self._set_length(end)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        if self._k is None:
-            return
-        _, H, capacity, D = self._k.shape
-        k, v = self._k.new_empty(len(indices), H, capacity, D), self._v.new_empty(len(indices), H, capacity, D)
-        # one pass over the filled part, straight into the new buffers
-        torch.index_select(self.keys, 0, indices, out=k[:, :, : self.length])
-        torch.index_select(self.values, 0, indices, out=v[:, :, : self.length])
-        self._k, self._v = k, v
-        self._set_length(self.length)
-
-    def _resize(self, capacity: int) -> None:
-        B, H, _, D = self._k.shape
-        k, v = self._k.new_empty(B, H, capacity, D), self._v.new_empty(B, H, capacity, D)
-        k[:, :, : self.length], v[:, :, : self.length] = self._k[:, :, : self.length], self._v[:, :, : self.length]
-        self._k, self._v = k, v
-        self._set_length(self.length)
-
-    def _set_length(self, n: int) -> None:
-        self.length = n
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-
-def new_cache(model, room: int):
-    """An empty KV cache for ``model`` whose full-attention layers are ``ReservedLayer``s
-    (other layer kinds, e.g. sliding windows, keep transformers' own)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache.layers = [ReservedLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def full_attention(cache) -> bool:
-    """Every layer of ``cache`` attends to all earlier positions (no sliding window), so a
-    custom attention mask built from the token mask alone is right for all of them."""
-    return cache is not None and all(isinstance(layer, ReservedLayer) for layer in cache.layers)
-
-
-@dataclass
-class PromptState:
-    """The prompts' KV cache and last hidden state, computed once and reused by every
-    regeneration of the same problems (LatentSeek decodes up to K candidates per problem)."""
-
-    cache: Any
-    mask: Tensor  # [B, S] left-padded attention mask of the prompts
-    last: Tensor  # [B, d] post-norm state at each prompt's last position: it predicts the first answer token
-
-    def select(self, rows: Sequence[int]) -> "PromptState":
-        """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        cache = copy.copy(self.cache)
-        # layer objects are copied, then each takes its rows into a fresh buffer
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        cache.batch_select_indices(index)
-        return PromptState(cache, self.mask[index], self.last[index])
-
-
-@torch.no_grad()
-def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                           use_cache=True, **{CACHE: new_cache(model, room=256)})
-    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
-
-
-@torch.no_grad()
-def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> tuple[PromptState, Tensor]:
-    """``state`` with ``blocks[i]`` appended to row ``i``, and the block's hidden states
-    ``[B, W, d]``. The blocks are left-padded as one block after the cached rows: the pads sit
-    mid-sequence, masked out, and positions follow each row's own tokens. A row whose block is
-    empty keeps its last state."""
-    block, block_mask = _left_pad(blocks, pad_id, state.mask.device)
-    mask = torch.cat([state.mask, block_mask], dim=1)
-    out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
-                           use_cache=True, **{CACHE: state.cache})
-    last = out.last_hidden_state[:, -1]
-    if not all(len(b) for b in blocks):
-        has_block = torch.tensor([len(b) > 0 for b in blocks], device=last.device)
-        last = torch.where(has_block[:, None], last, state.last)
-    return PromptState(getattr(out, CACHE), mask, last), out.last_hidden_state
 
 
 @torch.no_grad()
@@ -272,9 +173,8 @@ def generate(
     implementation's cost profile.
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     backbone = model.base_model
-    lm_head = model.get_output_embeddings()
+    head = LogitHead(model)
     prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
     if len(prefixes) != len(prompts):
         raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts")
@@ -329,7 +229,7 @@ def generate(
     steps = 0
     for step in range(max_new_tokens):
         steps = step + 1
-        logits = lm_head(last).float()
+        logits = head(last).float()
         nxt = _pick(logits, temperature, top_p, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if return_hidden:
@@ -355,9 +255,8 @@ def generate(
         all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
         if use_cache:
             pos = _positions(all_mask)[:, -1:]
-            # the step's mask ready-made: transformers would rebuild it from the 2D mask at every step
-            step_mask = _additive(all_mask.bool()[:, None, None, :], dtype) if full_attention(cache) else all_mask
-            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos, use_cache=True, **{CACHE: cache})
+            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask(model, cache, all_mask), position_ids=pos,
+                           use_cache=True, **{CACHE: cache})
             cache = getattr(out, CACHE)
         else:
             all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
@@ -394,15 +293,18 @@ def generate_branches(
     as if it were alone, while the opening's cache is neither copied nor repeated per branch.
     Returns per row and branch the generated ids (EOS removed) and the tokens generated (EOS
     included), like ``generate``.
+
+    A model whose layers slide their window, or that does not take 4D masks (ALiBi), gets
+    the same answers the slower way: one row per branch, the opening's cache repeated.
     """
-    if not full_attention(state.cache):
-        raise ValueError("packed branches need plain full attention in every layer (no sliding windows)")
+    if any(len(t) == 0 for b in branches for t in b):
+        raise ValueError("every branch needs at least one token of its own")
+    if not (full_attention(state.cache) and accepts_4d_mask(model)):
+        return _branches_one_by_one(model, state, branches, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
     device = state.mask.device
     dtype = next(model.parameters()).dtype
     B, S = state.mask.shape
     K = max(len(b) for b in branches)
-    if any(len(t) == 0 for b in branches for t in b):
-        raise ValueError("every branch needs at least one token of its own")
     opening_len = state.mask.sum(1)  # [B]: positions continue from each row's own opening
     T = max(sum(len(t) for t in b) for b in branches)  # the packed block's width
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -431,7 +333,7 @@ def generate_branches(
     out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype),
                            position_ids=opening_len[:, None] + offset, use_cache=True, **{CACHE: cache})
     last = out.last_hidden_state.gather(1, ends[:, :, None].expand(B, K, out.last_hidden_state.shape[-1]))
-    lm_head = model.get_output_embeddings()
+    head = LogitHead(model)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     done = ~exists  # rows with fewer branches fill the missing ones with finished dummies
     generated = torch.full((B, K, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -441,7 +343,7 @@ def generate_branches(
     gen_branch = torch.zeros(0, dtype=torch.long, device=device)  # branch of each generated key
     gen_real = torch.zeros((B, 0), dtype=torch.bool, device=device)  # fed while its branch was running
     for step in range(max_new_tokens):
-        nxt = lm_head(last).float().argmax(-1)  # [B, K]
+        nxt = head(last).float().argmax(-1)  # [B, K]
         counts += (~done).long()
         is_eos = torch.isin(nxt, eos) & ~done
         generated[:, :, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
@@ -462,7 +364,14 @@ def generate_branches(
     return tokens, [[int(counts[g, k]) for k in range(len(b))] for g, b in enumerate(branches)]
 
 
-def _additive(sees: Tensor, dtype) -> Tensor:
-    """A boolean "may attend" mask as the additive float mask every attention kernel takes
-    (transformers passes a 4D mask through unchanged)."""
-    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)
+def _branches_one_by_one(model, state: PromptState, branches, *, max_new_tokens: int, eos_ids, pad_id: int):
+    rows = [(g, tail) for g, row in enumerate(branches) for tail in row]
+    # the prompts are in the state: generate reads only their number
+    out = generate(model, [[] for _ in rows], prefixes=[tail for _, tail in rows], max_new_tokens=max_new_tokens,
+                   eos_ids=eos_ids, pad_id=pad_id, prompt_state=state.select([g for g, _ in rows]))
+    tokens, counts, k = [], [], 0
+    for row in branches:
+        tokens.append([out.tokens[k + j][len(tail):] for j, tail in enumerate(row)])
+        counts.append(out.new_tokens[k : k + len(row)])
+        k += len(row)
+    return tokens, counts

@@ -1,16 +1,27 @@
 """Pure tensor functions of latent optimization, tested on their own.
 
 A latent ``z_t`` is a last-layer post-norm hidden state; through the frozen head it defines
-the token policy ``p(x_t | z_t) = softmax(lm_head(z_t))``.
+the token policy ``p(x_t | z_t) = softmax(head(z_t))``. ``head`` (the ``lm_head`` argument
+below) is ``heads.LogitHead(model)``: ``lm_head`` followed by the model's own logit transform
+(softcapping, scales), so the policy is the model's distribution; any callable with a
+``weight`` (for the dtype) works, a bare ``lm_head`` included.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+
+class Head(Protocol):
+    """What the functions below need of a head: latents -> logits, and a weight for the dtype."""
+
+    weight: Tensor
+
+    def __call__(self, latents: Tensor) -> Tensor: ...
 
 
 def latent_count(answer_length: int, rho: float, max_latents: int) -> int:
@@ -20,7 +31,7 @@ def latent_count(answer_length: int, rho: float, max_latents: int) -> int:
     return max(1, min(math.floor(rho * answer_length), max_latents))
 
 
-def token_log_probs(lm_head: nn.Module, latents: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+def token_log_probs(lm_head: Head, latents: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log p(tokens[t] | latents[t]) for each position: ``[L, d], [L] -> [L]``."""
     # the policy gradient stays in full precision even when generation runs under autocast
     with torch.autocast(latents.device.type, enabled=False):
@@ -28,7 +39,7 @@ def token_log_probs(lm_head: nn.Module, latents: Tensor, tokens: Tensor, tempera
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def decode_latents(lm_head: nn.Module, latents: Tensor) -> list[int]:
+def decode_latents(lm_head: Head, latents: Tensor) -> list[int]:
     """The tokens the latents currently decode to: ``argmax lm_head(z_t)``."""
     # outside autocast: it caches its cast of a leaf that requires grad until the context
     # ends, so latents updated in place would go on decoding to their first tokens
@@ -36,7 +47,7 @@ def decode_latents(lm_head: nn.Module, latents: Tensor) -> list[int]:
         return lm_head(latents.to(lm_head.weight.dtype)).argmax(-1).tolist()
 
 
-def sample_latents(lm_head: nn.Module, latents: Tensor, temperature: float, generator: torch.Generator) -> list[int]:
+def sample_latents(lm_head: Head, latents: Tensor, temperature: float, generator: torch.Generator) -> list[int]:
     """A token sequence sampled from the latent policy (one token per latent)."""
     with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):  # see decode_latents
         probs = torch.softmax(lm_head(latents.to(lm_head.weight.dtype)).float() / temperature, dim=-1)

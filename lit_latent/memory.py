@@ -1,10 +1,14 @@
 """LatentEvolve's episodic memory: entries ``(e, z_base, z*, score, problem id)`` on disk and in RAM.
 
 On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_base`` and
-``z_star [n, L', d]``) plus ``manifest.json`` (model id, hidden size, latent count, and per
-shard its problem ids and scores). Every write is atomic (temp file, fsync, ``os.replace``)
-and a shard is written before the manifest that lists it, so a killed write leaves the
-previous memory loadable: a shard the manifest does not list is ignored.
+``z_star [n, L', d]``) plus ``manifest.json`` (model id, latent size ``d`` under the key
+``hidden_size``, latent count, the rewards its entries were scored by and whether any of them
+uses gold labels, and per shard its problem ids and scores). ``d`` is ``lm_head``'s input size
+(``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT).
+
+Every write is atomic (temp file, fsync, ``os.replace``) and a shard is written before the
+manifest that lists it, so a killed write leaves the previous memory loadable: a shard the
+manifest does not list is ignored.
 
 In RAM every tensor is kept, with the L2-normalised ``e`` rows cached as one ``[N, D]``
 matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFlatIP`` with
@@ -17,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +41,21 @@ class Neighbours:
     z_star: Tensor  # [k, L', d]
     similarity: Tensor  # [k], cosine
     ids: list[str]
+
+    def to(self, device) -> "Neighbours":
+        return Neighbours(self.e.to(device), self.z_base.to(device), self.z_star.to(device), self.similarity.to(device), self.ids)
+
+
+def check_labels(made_with_labels: Optional[bool], run_uses_labels: bool, key: str, where) -> None:
+    """Refuse a memory or weaver made under a reward that read the gold labels in a run whose
+    reward does not: its latents were steered by the answers, so the run's results would be too.
+    ``key``: the config key that named it (``memory.path``, ``weaver.checkpoint``)."""
+    if made_with_labels and not run_uses_labels:
+        raise UserError(
+            f"config key {key}: {where} was made under a reward that uses the gold labels (e.g. verifier), "
+            f"and this run's reward does not: it would carry the labels into the answers; use another {key} "
+            "or a reward that uses labels"
+        )
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -93,11 +112,19 @@ def _shard_name(index: int) -> str:
 class EpisodicMemory:
     """Episodic memory of one model; ``path=None`` keeps it in RAM only (tests, benchmarks)."""
 
-    def __init__(self, path: Union[str, Path, None], model_id: str, hidden_size: int, backend: str = "torch"):
+    def __init__(self, path: Union[str, Path, None], model_id: str, hidden_size: int, backend: str = "torch",
+                 reward: Optional[str] = None, uses_labels: Optional[bool] = None):
+        """``hidden_size``: the latent size ``d`` (``heads.latent_size(model)``). ``reward`` and
+        ``uses_labels``: the kind of reward that scores the entries this process adds, and whether
+        it reads gold labels (recorded in the manifest; None: not said)."""
         self.path = None if path is None else Path(path)
         self.model_id = str(model_id)
         self.hidden_size = int(hidden_size)
         self.backend = backend
+        self.reward, self.run_uses_labels = reward, uses_labels
+        self.rewards: list[str] = []  # the reward kinds of the entries held
+        self._uses_labels: Optional[bool] = None  # whether any entry held was scored with gold labels
+        self._index: dict[str, int] = {}  # problem id -> row
         self.e_size: Optional[int] = None  # D, set by the first entry
         self.latent_count: Optional[int] = None  # L', set by the first entry
         self._ids: list[str] = []
@@ -139,6 +166,7 @@ class EpisodicMemory:
                 f"not {self.model_id} (hidden {self.hidden_size})"
             )
         self.e_size, self.latent_count = manifest.get("e_size"), manifest.get("latent_count")
+        self.rewards, self._uses_labels = list(manifest.get("rewards", [])), manifest.get("uses_labels")
         from safetensors.torch import load_file
 
         for shard in manifest["shards"]:
@@ -165,6 +193,12 @@ class EpisodicMemory:
         return len(self._ids)
 
     @property
+    def uses_labels(self) -> Optional[bool]:
+        """True when an entry held was scored by a reward that reads gold labels; None when a
+        writer did not say (memories from before the field, or made without ``uses_labels``)."""
+        return self._uses_labels
+
+    @property
     def ids(self) -> list[str]:
         return list(self._ids)
 
@@ -182,22 +216,39 @@ class EpisodicMemory:
             return torch.empty(0, self.e_size or self.hidden_size), empty_z, empty_z.clone()
         return self._e.view(), self._z_base.view(), self._z_star.view()
 
-    def search(self, e: Tensor, k: int) -> list[Neighbours]:
-        """Per query row of ``e [B, D]`` (or one ``[D]``): the top-k entries by cosine similarity."""
+    def search(self, e: Tensor, k: int, exclude_ids: Optional[Sequence[Iterable[str]]] = None) -> list[Neighbours]:
+        """Per query row of ``e [B, D]`` (or one ``[D]``): the top-k entries by cosine similarity,
+        on ``e``'s device. ``exclude_ids[b]``: ids query ``b`` must not retrieve (its own problem's):
+        it gets the best k of the others."""
         if k <= 0:
             raise ValueError(f"k must be > 0, got {k}")
         queries = _normalise(e.detach().cpu().reshape(-1, e.shape[-1]))
+        exclude = [set() for _ in range(len(queries))] if exclude_ids is None else [{str(i) for i in x} for x in exclude_ids]
+        if len(exclude) != len(queries):
+            raise ValueError(f"got {len(exclude)} exclude_ids rows for {len(queries)} queries")
         if not self._ids:
-            return [self._gather(torch.empty(0, dtype=torch.long), torch.empty(0)) for _ in range(len(queries))]
+            return [self._gather(torch.empty(0, dtype=torch.long), torch.empty(0)).to(e.device) for _ in range(len(queries))]
         if queries.shape[1] != self.e_size:
             raise ValueError(f"query size {queries.shape[1]} != memory embedding size {self.e_size}")
-        k = min(k, len(self._ids))
+        rows = [[self._index[i] for i in x if i in self._index] for x in exclude]
+        wanted = min(k, len(self._ids))
+        found = []
         if self._faiss_index is not None:
-            sims, index = self._faiss_index.search(queries.numpy(), k)
-            sims, index = torch.from_numpy(sims), torch.from_numpy(index).long()
+            # the excluded entries may be among the first hits: ask for that many more
+            depth = min(wanted + max(len(r) for r in rows), len(self._ids))
+            sims, index = self._faiss_index.search(queries.numpy(), depth)
+            for b, (s, i) in enumerate(zip(torch.from_numpy(sims), torch.from_numpy(index).long())):
+                keep = [j for j, row in enumerate(i.tolist()) if row not in rows[b]][:wanted]
+                found.append((i[keep], s[keep]))
         else:
-            sims, index = torch.topk(queries @ self._e_unit.view().T, k, dim=1)  # [B, N] -> [B, k]
-        return [self._gather(i, s) for i, s in zip(index, sims)]
+            all_sims = queries @ self._e_unit.view().T  # [B, N]
+            for b, r in enumerate(rows):
+                all_sims[b, r] = float("-inf")
+            sims, index = torch.topk(all_sims, wanted, dim=1)  # [B, N] -> [B, k]
+            for b, (i, s) in enumerate(zip(index, sims)):
+                keep = torch.isfinite(s)  # fewer than k entries left after the exclusion
+                found.append((i[keep], s[keep]))
+        return [self._gather(i, s).to(e.device) for i, s in found]
 
     def _gather(self, index: Tensor, sims: Tensor) -> Neighbours:
         if not self._ids:
@@ -220,7 +271,7 @@ class EpisodicMemory:
                 f"z_base {tuple(z_base.shape)}, z_star {tuple(z_star.shape)}, {len(scores)} scores, {n} ids"
             )
         if z_base.shape[2] != self.hidden_size:
-            raise ValueError(f"latents have size {z_base.shape[2]}, the memory's model has hidden size {self.hidden_size}")
+            raise ValueError(f"latents have size {z_base.shape[2]}, the memory's model has latent size {self.hidden_size}")
         if self.latent_count is not None and z_base.shape[1] != self.latent_count:
             where = f"memory at {self.path}" if self.path else "the memory"
             raise UserError(
@@ -241,6 +292,10 @@ class EpisodicMemory:
         e, z_base, z_star = (x.detach().cpu().float()[rows].contiguous() for x in (e, z_base, z_star))
         ids, scores = [ids[i] for i in keep], [float(scores[i]) for i in keep]
         e_size, latent_count = e.shape[1], z_base.shape[1]
+        rewards = self.rewards + [self.reward] if self.reward and self.reward not in self.rewards else self.rewards
+        # labels once used stay recorded; "no labels" only when every writer said so
+        uses_labels = True if self._uses_labels or self.run_uses_labels else (
+            False if self.run_uses_labels is False and (self._uses_labels is False or not len(self)) else None)
         if self.path is not None:
             from safetensors.torch import save_file
 
@@ -251,13 +306,15 @@ class EpisodicMemory:
             shards = self._shards + [{"file": name, "ids": ids, "scores": scores}]
             manifest = {
                 "format": FORMAT, "model_id": self.model_id, "hidden_size": self.hidden_size, "e_size": e_size,
-                "latent_count": latent_count, "entries": len(self) + len(ids), "shards": shards,
+                "latent_count": latent_count, "entries": len(self) + len(ids), "rewards": rewards,
+                "uses_labels": uses_labels, "shards": shards,
             }
             text = json.dumps(manifest)
             write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
             self._shards = shards
         # RAM changes only once the manifest is on disk
         self.e_size, self.latent_count = e_size, latent_count
+        self.rewards, self._uses_labels = rewards, uses_labels
         self._append(e, z_base, z_star, scores, ids)
 
     def _append(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], ids: list[str]) -> None:
@@ -266,6 +323,7 @@ class EpisodicMemory:
         self._e_unit.append(unit)
         self._z_base.append(z_base)
         self._z_star.append(z_star)
+        self._index.update((pid, len(self._ids) + j) for j, pid in enumerate(ids))
         self._ids.extend(ids)
         self._id_set.update(ids)
         self._scores.extend(scores)

@@ -11,7 +11,11 @@ so an untrained weaver is exactly the identity and training starts from "change 
 
 A checkpoint is a folder with ``weaver.safetensors`` (for ``lora``: adapters and projections
 only, the backbone is reloaded from ``backbone_path``) and ``weaver.json`` (the weaver config,
-hidden size, embedding size, latent count, model id).
+latent size under the key ``hidden_size``, embedding size, latent count, model id, and whether
+the memory it learned from was scored with gold labels: ``uses_labels``).
+
+``hidden_size`` everywhere here is the latent size ``d``, ``lm_head``'s input
+(``heads.latent_size``): OPT models that project out have latents smaller than their hidden size.
 """
 
 from __future__ import annotations
@@ -91,7 +95,8 @@ class LoraWeaver(nn.Module):
         if not Path(backbone_path).is_dir():
             raise UserError(f"config key weaver.backbone_path: {backbone_path} is not a model directory")
         backbone = _load_backbone(backbone_path)
-        width = backbone.config.get_text_config().hidden_size
+        # what inputs_embeds and last_hidden_state hold: OPT projects them in and out of its hidden size
+        width = backbone.get_input_embeddings().weight.shape[-1]
         names = {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
         targets = [p for p in ATTENTION_PROJECTIONS if p in names] or None  # None: peft's default for the architecture
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
@@ -147,8 +152,10 @@ def build_weaver(cfg: WeaverConfig, hidden_size: int, e_size: int, latent_count:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def save_weaver(weaver: nn.Module, cfg: WeaverConfig, out_dir: Union[str, Path], hidden_size: int, model_id: str) -> Path:
-    """Write ``weaver.safetensors`` then ``weaver.json`` (atomically) into ``out_dir``; returns ``out_dir``."""
+def save_weaver(weaver: nn.Module, cfg: WeaverConfig, out_dir: Union[str, Path], hidden_size: int, model_id: str,
+                uses_labels: Optional[bool] = None) -> Path:
+    """Write ``weaver.safetensors`` then ``weaver.json`` (atomically) into ``out_dir``; returns ``out_dir``.
+    ``uses_labels``: whether its memory was scored with gold labels (``EpisodicMemory.uses_labels``)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -158,7 +165,7 @@ def save_weaver(weaver: nn.Module, cfg: WeaverConfig, out_dir: Union[str, Path],
         fields["backbone_path"] = weaver.backbone_path
     meta = {
         "format": FORMAT, "weaver": fields, "hidden_size": int(hidden_size), "e_size": weaver.e_size,
-        "latent_count": weaver.latent_count, "model_id": str(model_id),
+        "latent_count": weaver.latent_count, "model_id": str(model_id), "uses_labels": uses_labels,
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weaver.saved_state().items()}
     write_atomic(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
@@ -170,6 +177,8 @@ def load_weaver(
     path: Union[str, Path], hidden_size: int, model_id: str, latent_count: Optional[int] = None, backbone_path: Optional[str] = None
 ) -> nn.Module:
     """A weaver saved by :func:`save_weaver`, in eval mode and frozen; refuses another model's checkpoint.
+    Its ``uses_labels`` attribute says whether it learned from label-scored memories (None: not recorded);
+    ``memory.check_labels`` refuses it in a run without labels.
 
     ``latent_count``: also require this L'. ``backbone_path``: for ``lora``, where the backbone is now.
     """
@@ -211,6 +220,7 @@ def load_weaver(
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. {first})"
         )
     weaver.load_state_dict(state, strict=False)
+    weaver.uses_labels = meta.get("uses_labels")
     return weaver.eval().requires_grad_(False)
 
 
@@ -287,6 +297,7 @@ class FitResult:
 def fit_weaver(
     e: Tensor, z_base: Tensor, z_star: Tensor, cfg: WeaverConfig, trainer_cfg: TrainerConfig, out_dir: Union[str, Path],
     seed: int, hidden_size: int, model_id: str, backbone_path: Optional[str] = None, progress_bar: bool = True,
+    uses_labels: Optional[bool] = None,
 ) -> FitResult:
     """Train a fresh weaver on ``(e [N, D], z_base, z_star [N, L', d])``, save the best weights in ``out_dir``.
 
@@ -345,7 +356,7 @@ def fit_weaver(
             best_val = identity_val
         trainer.strategy.barrier()  # every rank has read best.ckpt before rank 0 removes it
         if trainer.is_global_zero:
-            save_weaver(weaver, cfg, out, hidden_size, model_id)
+            save_weaver(weaver, cfg, out, hidden_size, model_id, uses_labels)
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished fit leaves nothing to resume
         trainer.strategy.barrier()
         first = history.train_mse[0] if history.train_mse else float("nan")

@@ -77,7 +77,7 @@ def test_sampling_is_reproducible_per_row_generator(tiny_model, char_tokenizer):
 
 
 def test_reused_prompt_state_matches_fresh_prefill(tiny_model, char_tokenizer):
-    from lit_latent.generation import encode_prompts
+    from lit_latent.kvcache import encode_prompts
 
     prompts = _prompts(char_tokenizer, ["first prompt", "second, longer prompt", "3rd"])
     kw = dict(eos_ids=[1], pad_id=0, return_hidden=True, max_new_tokens=6)
@@ -101,7 +101,7 @@ def test_reused_prompt_state_matches_fresh_prefill(tiny_model, char_tokenizer):
 def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
-    from lit_latent.generation import ReservedLayer
+    from lit_latent.kvcache import ReservedLayer
 
     torch.manual_seed(0)
     plain = DynamicLayer()
@@ -128,7 +128,8 @@ def test_reserved_cache_layer_matches_a_growing_dynamic_layer():
 def test_packed_branches_answer_each_branch_as_if_alone(tiny_model, char_tokenizer):
     # two openings, with 3 and 1 branches of different lengths: each branch's greedy
     # continuation and token count must equal a plain generation of opening + branch
-    from lit_latent.generation import encode_prompts, generate_branches
+    from lit_latent.generation import generate_branches
+    from lit_latent.kvcache import encode_prompts
 
     openings = _prompts(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
     branches = [_prompts(char_tokenizer, [" Right?", " Is the answer boxed?", "!"]), _prompts(char_tokenizer, [" ok?"])]
@@ -143,7 +144,8 @@ def test_packed_branches_answer_each_branch_as_if_alone(tiny_model, char_tokeniz
 
 
 def test_packed_branches_stop_each_branch_at_its_own_eos(tiny_model, char_tokenizer):
-    from lit_latent.generation import encode_prompts, generate_branches
+    from lit_latent.generation import generate_branches
+    from lit_latent.kvcache import encode_prompts
 
     openings = _prompts(char_tokenizer, ["stop here", "go"])
     branches = [_prompts(char_tokenizer, [" a", " bb"]), _prompts(char_tokenizer, [" c"])]
@@ -156,3 +158,58 @@ def test_packed_branches_stop_each_branch_at_its_own_eos(tiny_model, char_tokeni
             alone = generate(tiny_model, [openings[g] + tail], max_new_tokens=5, eos_ids=[eos], pad_id=0)
             assert tokens[g][k] == alone.tokens[0] and counts[g][k] == alone.new_tokens[0]
     assert tokens[0][0] == probe[0][0][:2] and counts[0][0] == 3
+
+
+def test_greedy_tokens_equal_transformers_generate(tiny_model, char_tokenizer):
+    # a change in transformers' decoding or masks shows up here first
+    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a longer prompt, left-padded"])
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ref = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                              eos_token_id=1, pad_token_id=0)[:, width:].tolist()
+    ref = [row[: row.index(1)] if 1 in row else row for row in ref]
+    assert generate(tiny_model, prompts, max_new_tokens=10, eos_ids=[1], pad_id=0).tokens == ref
+
+
+def test_packed_branches_fall_back_where_4d_masks_are_not_taken(tiny_model, char_tokenizer):
+    # a model that refuses ready-made 4D masks (as ALiBi models do) gets the same answers one row per branch
+    from lit_latent.generation import generate_branches
+    from lit_latent.kvcache import _PROBED, accepts_4d_mask, encode_prompts
+
+    openings = _prompts(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
+    branches = [_prompts(char_tokenizer, [" Right?", " Is it boxed?"]), _prompts(char_tokenizer, [" ok?"])]
+    assert accepts_4d_mask(tiny_model)
+    packed = generate_branches(tiny_model, encode_prompts(tiny_model, openings, 0), branches, max_new_tokens=5,
+                               eos_ids=[1], pad_id=0)
+    tiny_model.__dict__[_PROBED] = False
+    try:
+        assert generate_branches(tiny_model, encode_prompts(tiny_model, openings, 0), branches, max_new_tokens=5,
+                                 eos_ids=[1], pad_id=0) == packed
+    finally:
+        del tiny_model.__dict__[_PROBED]
+
+
+def test_models_it_cannot_serve_are_refused_in_one_line(tmp_path, char_tokenizer):
+    import pytest
+    from transformers import DistilBertConfig, DistilBertModel, T5Config, T5ForConditionalGeneration
+
+    from lit_latent.config import ModelConfig, UserError
+    from lit_latent.generation import load_model
+
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(char_tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1,
+                                        num_heads=2)).save_pretrained(t5)
+    encoder = tmp_path / "encoder"
+    DistilBertModel(DistilBertConfig(vocab_size=len(char_tokenizer), dim=16, hidden_dim=32, n_layers=1,
+                                     n_heads=2)).save_pretrained(encoder)
+    for folder in (t5, encoder):
+        char_tokenizer.save_pretrained(folder)
+    for path, why in [
+        ("Qwen/Qwen2-0.5B", "looks like a Hugging Face hub id"),
+        (str(t5), "is an encoder-decoder model (t5)"),
+        (str(encoder), "cannot load a causal LM"),
+    ]:
+        with pytest.raises(UserError, match="config key model.path: ") as err:
+            load_model(ModelConfig(path=path))
+        assert why in str(err.value) and path in str(err.value) and "\n" not in str(err.value)

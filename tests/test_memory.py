@@ -128,3 +128,55 @@ def test_missing_memory_and_missing_faiss_are_user_errors(tmp_path):
         exact.add(*batch(10))
         q = torch.randn(2, D)
         assert [n.ids for n in memory.search(q, 3)] == [n.ids for n in exact.search(q, 3)]
+
+
+class _ElsewhereTensor(torch.Tensor):
+    """A CPU tensor that says it lives on the 'meta' device: stands in for a GPU query here
+    (what ops make of it are plain CPU tensors, so only an explicit move reaches 'meta')."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self):
+        return torch.device("meta")
+
+
+def test_neighbours_come_back_on_the_querys_device(tmp_path):
+    memory = filled(tmp_path / "memory")
+    query = torch.randn(2, D, generator=torch.Generator().manual_seed(3)).as_subclass(_ElsewhereTensor)
+    for nb in memory.search(query, k=3):
+        assert {t.device.type for t in (nb.e, nb.z_base, nb.z_star, nb.similarity)} == {"meta"}
+        assert nb.z_star.shape == (3, LATENTS, HIDDEN) and len(nb.ids) == 3
+
+
+def test_a_problem_never_retrieves_itself(tmp_path):
+    memory = filled(tmp_path / "memory", sizes=(4,))
+    e, _, _ = memory.tensors()
+    found = memory.search(e[:2].clone(), k=2, exclude_ids=[["p0"], ["p1", "unknown"]])
+    assert "p0" not in found[0].ids and "p1" not in found[1].ids and [len(nb.ids) for nb in found] == [2, 2]
+    # the best other entry takes the place of the excluded one
+    plain = memory.search(e[:1].clone(), k=2)[0]
+    assert plain.ids[0] == "p0" and found[0].ids[0] == plain.ids[1]
+    # fewer than k entries left: fewer neighbours, none excluded
+    assert sorted(memory.search(e[:1].clone(), k=9, exclude_ids=[["p0"]])[0].ids) == ["p1", "p2", "p3"]
+
+
+def test_manifest_records_whether_labels_scored_the_entries(tmp_path):
+    from lit_latent.memory import check_labels
+
+    path = tmp_path / "memory"
+    made = EpisodicMemory(path, "tiny", HIDDEN, reward="verifier", uses_labels=True)
+    made.add(*batch(2))
+    assert made.uses_labels is True
+    reopened = EpisodicMemory(path, "tiny", HIDDEN, reward="self", uses_labels=False)
+    assert reopened.uses_labels is True and reopened.rewards == ["verifier"]
+    reopened.add(*batch(1, first=5))  # a self-reward entry does not wash the labels out
+    assert EpisodicMemory.open(path).uses_labels is True and EpisodicMemory.open(path).rewards == ["verifier", "self"]
+    with pytest.raises(UserError, match=f"config key memory.path: memory at {path} was made under a reward that uses the gold labels") as err:
+        check_labels(reopened.uses_labels, False, "memory.path", f"memory at {path}")
+    assert "\n" not in str(err.value)
+    check_labels(reopened.uses_labels, True, "memory.path", path)  # a labelled run may use it
+    clean = EpisodicMemory(tmp_path / "clean", "tiny", HIDDEN, reward="self", uses_labels=False)
+    clean.add(*batch(2))
+    assert EpisodicMemory.open(tmp_path / "clean").uses_labels is False
+    assert EpisodicMemory(tmp_path / "old", "tiny", HIDDEN).uses_labels is None  # not said

@@ -94,7 +94,7 @@ def test_sliding_window_models_keep_transformers_masks_and_give_the_same_answers
     # it see too far, so such models take the one-row-per-message path; both must equal the reference
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lit_latent.generation import full_attention, new_cache
+    from lit_latent.kvcache import full_attention, new_cache
     from lit_latent.prompts import holistic_check_prompt
 
     torch.manual_seed(0)

@@ -201,3 +201,16 @@ def test_train_py_without_a_memory_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "memory.path=/nonexistent"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: no episodic memory at /nonexistent (manifest.json not found)"]
+
+
+def test_checkpoint_records_whether_its_memory_used_labels(tmp_path):
+    from lit_latent.memory import check_labels
+
+    cfg = WeaverConfig(layers=1, heads=2)
+    save_weaver(build_weaver(cfg, HIDDEN, D, LATENTS), cfg, tmp_path / "w", HIDDEN, "tiny", uses_labels=True)
+    weaver = load_weaver(tmp_path / "w", HIDDEN, "tiny")
+    assert weaver.uses_labels is True
+    with pytest.raises(UserError, match="config key weaver.checkpoint: .* uses the gold labels"):
+        check_labels(weaver.uses_labels, False, "weaver.checkpoint", f"weaver checkpoint {tmp_path / 'w'}")
+    save_weaver(build_weaver(cfg, HIDDEN, D, LATENTS), cfg, tmp_path / "v", HIDDEN, "tiny")
+    assert load_weaver(tmp_path / "v", HIDDEN, "tiny").uses_labels is None

@@ -20,7 +20,7 @@ import torch
 
 from lit_latent.config import EvolveConfig
 from lit_latent.engine import Engine
-from lit_latent.generation import encode_prompts
+from lit_latent.kvcache import encode_prompts
 from lit_latent.latents import decode_latents, keep_through_first_change, latent_count, momentum_init
 from lit_latent.records import add_candidate, judge
 from lit_latent.rewards import Reward
@@ -139,7 +139,8 @@ def starting_latents(e, z_base, usable, records, cfg: EvolveConfig, memory, weav
     zb = torch.stack([z_base[i] for i in usable])
     with torch.no_grad():
         woven = weaver(e[usable], zb).float() if weaver is not None else zb
-    found = memory.search(e[usable], cfg.top_k) if memory is not None and len(memory) else None
+    # a problem met again (a rerun stream) must not retrieve its own entry
+    found = memory.search(e[usable], cfg.top_k, exclude_ids=[[records[i]["id"]] for i in usable]) if memory is not None and len(memory) else None
     starts = []
     for k, i in enumerate(usable):
         z0 = woven[k]

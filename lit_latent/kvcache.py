@@ -1,0 +1,221 @@
+"""The KV-cache machinery of decoding: reserved cache layers, cached prompts, masks.
+
+``encode_prompts`` computes left-padded prompts' cache once; ``extend_prompts`` appends a block
+to it. Decoding (``generation.generate``, and ``generation.generate_branches``, which packs
+several continuations of one cached opening under a 4D attention mask) passes ready-made 4D
+masks only to a model that takes them; that is probed, not assumed: ALiBi models (Bloom, Falcon with ``alibi=True``) build their bias from a 2D mask and
+get one (``accepts_4d_mask``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+
+# the KV cache's argument and output field: transformers 5.2x renamed past_key_values to cache
+# (the old name still works there, with a warning on every run, and is to go in 5.40)
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: Tensor) -> Tensor:
+    # left padding: real tokens count 0, 1, 2, ... from their own first position
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class ReservedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer with ``room`` positions to spare: a new position is
+    written in place. transformers' ``DynamicLayer`` re-concatenates the whole cache at every
+    token, a full copy per step that took a third of greedy decoding time on CPU.
+
+    Positions below ``length`` are never written again, so layer copies that share a buffer
+    (``copy.copy``) stay correct as long as their generations run one after another."""
+
+    def __init__(self, room: int = 256):
+        super().__init__()
+        self.room, self.length = room, 0
+        self._k: Optional[Tensor] = None
+        self._v: Optional[Tensor] = None
+
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, room: int = 256) -> "ReservedLayer":
+        """A layer that starts with these keys and values (copied into its buffer)."""
+        layer = cls(room)
+        layer.update(keys, values)
+        return layer
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if self._k is None:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._k, self._v = key_states[:, :, :0], value_states[:, :, :0]
+            self._resize(end + self.room)
+        elif end > self._k.shape[-2]:  # out of room: double it
+            self._resize(max(end, 2 * self._k.shape[-2]))
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self._k is None:
+            return
+        _, H, capacity, D = self._k.shape
+        k, v = self._k.new_empty(len(indices), H, capacity, D), self._v.new_empty(len(indices), H, capacity, D)
+        # one pass over the filled part, straight into the new buffers
+        torch.index_select(self.keys, 0, indices, out=k[:, :, : self.length])
+        torch.index_select(self.values, 0, indices, out=v[:, :, : self.length])
+        self._k, self._v = k, v
+        self._set_length(self.length)
+
+    def _resize(self, capacity: int) -> None:
+        B, H, _, D = self._k.shape
+        k, v = self._k.new_empty(B, H, capacity, D), self._v.new_empty(B, H, capacity, D)
+        k[:, :, : self.length], v[:, :, : self.length] = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        self._k, self._v = k, v
+        self._set_length(self.length)
+
+    def _set_length(self, n: int) -> None:
+        self.length = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+
+def new_cache(model, room: int):
+    """An empty KV cache for ``model`` whose full-attention layers are ``ReservedLayer``s
+    (other layer kinds, e.g. sliding windows, keep transformers' own)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [ReservedLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def full_attention(cache) -> bool:
+    """Every layer of ``cache`` attends to all earlier positions (no sliding window), so a
+    custom attention mask built from the token mask alone is right for all of them."""
+    return cache is not None and all(isinstance(layer, ReservedLayer) for layer in cache.layers)
+
+
+_PROBED = "_lit_latent_4d_mask"  # the probe's answer, kept in the model's __dict__
+
+
+def accepts_4d_mask(model) -> bool:
+    """Whether ``model`` takes a ready-made 4D additive attention mask and means by it what the
+    2D mask means. Probed once per model (then cached on it): two left-padded rows are encoded,
+    then a 2-token block and a 1-token step are run with the 2D mask and again with the
+    equivalent 4D masks; the hidden states must agree. ALiBi models, which build their bias
+    from a 2D mask, raise or disagree, and get the 2D mask at every step."""
+    found = model.__dict__.get(_PROBED)
+    if found is None:
+        found = _probe_4d_mask(model)
+        model.__dict__[_PROBED] = found
+    return found
+
+
+@torch.no_grad()
+def _probe_4d_mask(model) -> bool:
+    weight = model.get_output_embeddings().weight
+    vocab, dtype = weight.shape[0], next(model.parameters()).dtype
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    state = encode_prompts(model, [[t % vocab for t in p] for p in prompts], pad_id=0)
+
+    def run(four_d: bool) -> Tensor:
+        cache = copy.copy(state.cache)
+        cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+        mask, states = state.mask, []
+        for block in ([[10, 11], [12, 13]], [[14], [15]]):
+            ids = torch.tensor(block, device=mask.device) % vocab
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            width, n = mask.shape[1], ids.shape[1]
+            causal = torch.ones(n, width, dtype=torch.bool, device=mask.device).tril(width - n)
+            attention = _additive(mask.bool()[:, None, None, :] & causal, dtype) if four_d else mask
+            out = model.base_model(input_ids=ids, attention_mask=attention, position_ids=_positions(mask)[:, -n:],
+                                   use_cache=True, **{CACHE: cache})
+            cache = getattr(out, CACHE)
+            states.append(out.last_hidden_state.float())
+        return torch.cat(states, dim=1)
+
+    want = run(four_d=False)
+    try:
+        got = run(four_d=True)
+    except Exception:  # e.g. Bloom's build_alibi_tensor unpacking the mask as [batch, length]
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return got.shape == want.shape and torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol)
+
+
+def step_mask(model, cache, mask: Tensor) -> Tensor:
+    """The attention mask for a decoding step after the 2D ``mask`` ``[B, S]``: ready-made 4D
+    where every layer attends fully and the model takes it (transformers would rebuild it from
+    the 2D mask at every step), else the 2D mask itself."""
+    if full_attention(cache) and accepts_4d_mask(model):
+        return _additive(mask.bool()[:, None, None, :], next(model.parameters()).dtype)
+    return mask
+
+
+@dataclass
+class PromptState:
+    """The prompts' KV cache and last hidden state, computed once and reused by every
+    regeneration of the same problems (LatentSeek decodes up to K candidates per problem)."""
+
+    cache: Any
+    mask: Tensor  # [B, S] left-padded attention mask of the prompts
+    last: Tensor  # [B, d] post-norm state at each prompt's last position: it predicts the first answer token
+
+    def select(self, rows: Sequence[int]) -> "PromptState":
+        """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        cache = copy.copy(self.cache)
+        # layer objects are copied, then each takes its rows into a fresh buffer
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        cache.batch_select_indices(index)
+        return PromptState(cache, self.mask[index], self.last[index])
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                           use_cache=True, **{CACHE: new_cache(model, room=256)})
+    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
+
+
+@torch.no_grad()
+def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> tuple[PromptState, Tensor]:
+    """``state`` with ``blocks[i]`` appended to row ``i``, and the block's hidden states
+    ``[B, W, d]``. The blocks are left-padded as one block after the cached rows: the pads sit
+    mid-sequence, masked out, and positions follow each row's own tokens. A row whose block is
+    empty keeps its last state."""
+    block, block_mask = _left_pad(blocks, pad_id, state.mask.device)
+    mask = torch.cat([state.mask, block_mask], dim=1)
+    out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
+                           use_cache=True, **{CACHE: state.cache})
+    last = out.last_hidden_state[:, -1]
+    if not all(len(b) for b in blocks):
+        has_block = torch.tensor([len(b) > 0 for b in blocks], device=last.device)
+        last = torch.where(has_block[:, None], last, state.last)
+    return PromptState(getattr(out, CACHE), mask, last), out.last_hidden_state
+
+
+def _additive(sees: Tensor, dtype) -> Tensor:
+    """A boolean "may attend" mask as the additive float mask every attention kernel takes
+    (transformers passes a 4D mask through unchanged)."""
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)
