@@ -61,8 +61,11 @@ def test_day_night_archive_threshold_and_weaver_round_trip(tiny_model_dir, ten_p
     assert z_base.shape == z_star.shape == (4, 3, 32) and e.shape == (4, 32)
     # nights after 4 and 8 problems (the first has 2 memories, the second 3): two weavers written
     assert sorted(p.name for p in (run_dir / "weaver").iterdir()) == ["night-001", "night-002"]
-    # later problems started from neighbours in memory
-    assert any(r.get("neighbours") for r in records[4:])
+    # the memory grows at each batch's end (batches of 4): problems 5-8 retrieve the first batch's
+    # archive, 9-10 the first two batches' (top_k 5 > entries, so all of them); never themselves
+    assert all(sorted(r["neighbours"]) == ["e1", "e3"] for r in records[4:8])
+    assert all(sorted(r["neighbours"]) == ["e1", "e3", "e4"] for r in records[8:])
+    assert "neighbours" not in records[0]
 
     # night-time consolidation from the logged day, then a day that uses the weaver
     assert run_entry_point(train.main, [f"run_dir={run_dir}", "weaver.max_epochs=3"]) == 0

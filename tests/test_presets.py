@@ -91,3 +91,14 @@ def test_multiple_choice_preset_rejects_a_row_without_choices(tiny_model_dir, tm
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err  # checked while reading the file, before the model loads
     assert err == f"error: {path}:1: data.prompt=choice needs a 'choices' field on every row"
+
+
+def test_the_resample_control_uses_latentseeks_reward_stopping_and_answer_rules():
+    # "same reward and stopping rule" must be true by default, or the control compares apples with pears
+    seek = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek.yaml")], [])
+    control = load_config(AdaptConfig, [str(ROOT / "configs" / "resample.yaml")], [])
+    assert control.method == "resample" and control.reward == seek.reward
+    for key in ("max_iterations", "stop_threshold", "answer"):
+        assert getattr(control.latent, key) == getattr(seek.latent, key), key
+    assert control.generation.max_new_tokens == seek.generation.max_new_tokens
+    assert control.data.batch_size == seek.data.batch_size

@@ -118,15 +118,15 @@ def test_resample_stops_at_a_right_answer_and_answers_by_the_config_s_rule(probl
                   "latent.max_iterations=4")
     assert [r["id"] for r in records] == PROBLEMS and all(r["method"] == "resample" for r in records)
     rule = answer_rule(run_dir)
-    assert rule == "last"  # configs/resample.yaml: LatentSeek's default rule, the newest candidate
+    assert rule == "best"  # configs/resample.yaml: latentseek.yaml's rule, the best-scored candidate
     check_verifier_records(records, max_iterations=4, rule=rule)
     by_id = {r["id"]: r for r in records}
     assert by_id["emb-0000"]["initial_correct"] and by_id["emb-0000"]["candidates"] == []
     fixed = [r for r in records if not r["initial_correct"] and r["correct"]]
     never = [r for r in records if not any(c["correct"] for c in r["candidates"]) and not r["initial_correct"]]
     assert fixed and never  # both kinds of wrong first answers are seen
-    # a never-fixed problem answers with its last sample under 'last' (its initial answer under 'best')
-    assert all(r["output"] == r["candidates"][-1]["output"] for r in never)
+    # a never-fixed problem answers with its initial answer under 'best' (all rewards tie at 0)
+    assert all(r["output"] == r["initial_output"] and r["chosen_candidate"] == 0 for r in never)
     # candidates are fresh samples, not copies of the initial answer
     assert any(c["output"] != r["initial_output"] for r in records for c in r["candidates"])
     check_metrics_csv(run_dir, records, batch_size=4)
