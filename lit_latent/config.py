@@ -27,7 +27,16 @@ class UserError(Exception):
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n")
 REWARD_KINDS = ("self", "verifier", "majority", "custom")
-SCHEMES = ("latentseek", "latentevolve", "steps", "recompute")
+# self-reward schemes: criterion -> default weight. LatentSeek: calculations 2, answer 1,
+# complete 2, understood 1; LatentEvolve: answer 1, comprehension 1, calculation 1, format 2,
+# clarity 2; steps and recompute ask LatentSeek's criteria, the calculation check line by line
+SCHEME_WEIGHTS = {
+    "latentseek": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "latentevolve": {"answer": 1.0, "understood": 1.0, "calculation": 1.0, "format": 2.0, "clarity": 2.0},
+    "steps": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+    "recompute": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
+}
+SCHEMES = tuple(SCHEME_WEIGHTS)
 # what a sampled output's reward Q is compared with in the latent policy gradient (Q - b):
 # mean (the M samples' mean reward), none (b = 0: Q as it is, the papers' formula) or one
 # (b = 1: LatentSeek's [-1, 0] scale, every imperfect sample is pushed away from)
@@ -44,6 +53,23 @@ def _positive(name: str, value: Union[int, float, None], allow_zero: bool = Fals
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"config key {name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def scheme_weights(scheme: str, overrides: Optional[dict] = None) -> dict[str, float]:
+    """The criteria a self-reward asks and their weights: the scheme's defaults with
+    ``reward.weights`` overrides applied; a criterion of weight 0 is dropped (it cannot change
+    the reward, so it is not asked)."""
+    _one_of("reward.scheme", scheme, SCHEMES)
+    weights = dict(SCHEME_WEIGHTS[scheme])
+    for crit, w in (overrides or {}).items():
+        if crit not in weights:
+            raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(weights)})")
+        _positive(f"reward.weights.{crit}", float(w), allow_zero=True)
+        weights[crit] = float(w)
+    weights = {crit: w for crit, w in weights.items() if w > 0}
+    if not weights:
+        raise UserError(f"config key reward.weights: every criterion of scheme {scheme} has weight 0")
+    return weights
 
 
 @dataclass
@@ -176,6 +202,8 @@ class RewardConfig:
         _positive("reward.majority_samples", self.majority_samples)
         if self.kind == "custom" and not self.class_path:
             raise UserError("config key reward.class_path: required when reward.kind=custom")
+        if self.kind == "self":
+            scheme_weights(self.scheme, self.weights)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from lit_latent.answers import extract_answer, is_equivalent
-from lit_latent.config import RewardConfig, UserError, _positive
+from lit_latent.config import RewardConfig, UserError, scheme_weights
 from lit_latent.data import num_choices
 from lit_latent.prompts import (
     calculation_lines,
@@ -83,14 +83,6 @@ class VerifierReward(Reward):
 
 # --- self: the model verifies its own answer ------------------------------------------------
 
-# criterion -> weight. LatentSeek: calculations 2, answer 1, complete 2, understood 1.
-# LatentEvolve: answer 1, comprehension 1, calculation 1, format 2, clarity 2.
-SCHEME_WEIGHTS = {
-    "latentseek": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
-    "latentevolve": {"answer": 1.0, "understood": 1.0, "calculation": 1.0, "format": 2.0, "clarity": 2.0},
-    "steps": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
-    "recompute": {"calculation": 2.0, "answer": 1.0, "complete": 2.0, "understood": 1.0},
-}
 # schemes whose calculation check asks about each line, and fail lines it cannot ask about
 LINE_SCHEMES = ("steps", "recompute")
 
@@ -163,16 +155,7 @@ class SelfReward(Reward):
 
     def __init__(self, scheme: str = "latentseek", weights: Optional[dict[str, float]] = None, verdict_tokens: int = 4):
         self.scheme = scheme
-        self.weights = dict(SCHEME_WEIGHTS[scheme])
-        for crit, w in (weights or {}).items():
-            if crit not in self.weights:
-                raise UserError(f"config key reward.weights.{crit}: not a criterion of scheme {scheme} ({', '.join(self.weights)})")
-            _positive(f"reward.weights.{crit}", float(w), allow_zero=True)
-            self.weights[crit] = float(w)
-        # a criterion of weight 0 cannot change the reward, so it is not asked at all
-        self.weights = {crit: w for crit, w in self.weights.items() if w > 0}
-        if not self.weights:
-            raise UserError(f"config key reward.weights: every criterion of scheme {scheme} has weight 0")
+        self.weights = scheme_weights(scheme, weights)  # checked there, as the config checks reward.weights
         self.verdict_tokens = verdict_tokens
 
     def score(self, engine, problems, completions):

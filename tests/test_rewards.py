@@ -3,7 +3,6 @@
 import pytest
 
 from lit_latent.rewards import (
-    SCHEME_WEIGHTS,
     MajorityReward,
     SelfReward,
     Scores,
@@ -13,7 +12,7 @@ from lit_latent.rewards import (
     make_reward,
     unverifiable_lines,
 )
-from lit_latent.config import RewardConfig, UserError
+from lit_latent.config import SCHEME_WEIGHTS, RewardConfig, UserError
 from lit_latent.prompts import (
     FINAL_CHECK_TOKENS,
     final_check_answer,
@@ -275,3 +274,20 @@ def test_recompute_scheme_compares_the_models_recomputation_with_each_line():
     assert module.max_new_tokens >= FINAL_CHECK_TOKENS
     # a model answering yes/no to a recompute question fails it
     assert SelfReward("recompute").score(FakeModule(lambda m: "yes"), problems[:1], [good]).rewards == [pytest.approx(1 - 2 / 6)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["reward.weights.nonsense=1"], "config key reward.weights.nonsense: not a criterion of scheme latentseek"),
+    (["reward.weights.answer=-1"], "config key reward.weights.answer: must be >= 0, got -1.0"),
+    (["reward.scheme=recompute", "reward.weights.calculation=0", "reward.weights.answer=0", "reward.weights.complete=0",
+      "reward.weights.understood=0"], "config key reward.weights: every criterion of scheme recompute has weight 0"),
+])
+def test_reward_weights_are_checked_when_the_config_loads(overrides, message):
+    # at load time, before any model is read: the same one-line errors SelfReward gives
+    from lit_latent.cli import load_config
+    from lit_latent.config import AdaptConfig
+
+    with pytest.raises(UserError) as e:
+        load_config(AdaptConfig, [], ["reward.kind=self", *overrides])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    load_config(AdaptConfig, [], ["reward.kind=verifier", "reward.weights.nonsense=1"])  # only a self reward has criteria
