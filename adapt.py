@@ -44,7 +44,7 @@ def main(argv: list[str]) -> dict:
     from lit_latent.results import read_records
     from lit_latent.rewards import make_reward
 
-    problems = read_problems(cfg.data.path, cfg.data.limit, require_choices=cfg.data.prompt == "choice")
+    problems = read_problems(cfg.data.path, cfg.data.limit, require_choices=cfg.data.prompt == "choice", offset=cfg.data.offset)
     run_dir = prepare_run_dir(cfg)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done

@@ -87,8 +87,10 @@ class ModelConfig:
 class DataConfig:
     path: str = str(HELDOUT_PATH)
     """JSONL file with id, problem, answer (+ solution, choices); default: bundled problems."""
+    offset: int = 0
+    """Skip the first N problems of the file (e.g. report on problems the settings were not tuned on)."""
     limit: Optional[int] = None
-    """Use only the first N problems (null: all)."""
+    """Use only the first N problems after the offset (null: all)."""
     batch_size: int = 8
     """Problems adapted together in one predict_step."""
     max_prompt_tokens: int = 1024
@@ -99,6 +101,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.prompt", self.prompt, ("auto", "math", "choice"))
         _positive("data.limit", self.limit)
+        _positive("data.offset", self.offset, allow_zero=True)
         _positive("data.batch_size", self.batch_size)
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
 

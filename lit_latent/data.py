@@ -17,9 +17,9 @@ from lit_latent.config import UserError
 from lit_latent.prompts import choice_prompt, math_prompt
 
 
-def read_problems(path: str | Path, limit: Optional[int] = None, require_choices: bool = False) -> list[dict[str, Any]]:
-    """Read and validate a problems file; ``limit`` keeps the first N rows.
-    ``require_choices``: every row must have ``choices`` (data.prompt=choice)."""
+def read_problems(path: str | Path, limit: Optional[int] = None, require_choices: bool = False, offset: int = 0) -> list[dict[str, Any]]:
+    """Read and validate a problems file; ``offset`` skips the first N problems, ``limit`` keeps
+    the next N. ``require_choices``: every row must have ``choices`` (data.prompt=choice)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config key data.path: file not found: {path}")
@@ -27,7 +27,7 @@ def read_problems(path: str | Path, limit: Optional[int] = None, require_choices
     seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(problems) >= limit:
+            if limit is not None and len(problems) >= offset + limit:
                 break
             if not line.strip():
                 continue
@@ -62,7 +62,9 @@ def read_problems(path: str | Path, limit: Optional[int] = None, require_choices
             )
     if not problems:
         raise UserError(f"config key data.path: {path} holds no problems")
-    return problems
+    if offset >= len(problems):
+        raise UserError(f"config key data.offset: {offset} skips every problem ({path} holds {len(problems)})")
+    return problems[offset:]
 
 
 def user_message(problem: dict[str, Any], prompt: str = "auto") -> str:

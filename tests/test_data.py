@@ -56,3 +56,12 @@ def test_prompts_and_resume_skip(tmp_path):
     dm = ProblemDataModule(problems, batch_size=4, skip_ids={"0", "3"})
     batches = list(dm.predict_dataloader())
     assert [[p["id"] for p in b] for b in batches] == [["1", "2", "4", "mc"]]
+
+
+def test_offset_skips_problems_before_the_limit(tmp_path):
+    path = write(tmp_path, [json.dumps({"id": str(i), "problem": f"q{i}", "answer": i}) for i in range(6)])
+    assert [p["id"] for p in read_problems(path, offset=2)] == ["2", "3", "4", "5"]
+    assert [p["id"] for p in read_problems(path, limit=3, offset=2)] == ["2", "3", "4"]
+    assert [p["id"] for p in read_problems(path, limit=10, offset=5)] == ["5"]
+    with pytest.raises(UserError, match="data.offset: 6 skips every problem"):
+        read_problems(path, offset=6)
