@@ -169,6 +169,10 @@ class LatentConfig(SearchConfig):
     """L_max, the cap on optimized latents (paper: 300)."""
     max_iterations: int = 10
     """K, policy-gradient iterations per problem (paper: 10)."""
+    reanchor: bool = False
+    """After a new candidate that scores at least as well as the one the latents were last anchored to (at first the initial answer), the latents become that candidate's (the kept prefix's, then the model's states behind the regenerated tokens) and Adam restarts: edits build on each other and the loss covers the scored tokens. For regenerate_after_first_change."""
+    free_repeats: int = 0
+    """Iterations whose candidate repeats one the problem tried before (nothing new generated) that do not count toward K; 0: every iteration counts (the paper)."""
 
     def __post_init__(self) -> None:
         self.check("latent")
@@ -176,6 +180,9 @@ class LatentConfig(SearchConfig):
             raise UserError("config key latent.rho: must be in (0, 1], got null")
         _positive("latent.max_latents", self.max_latents)
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
+        _positive("latent.free_repeats", self.free_repeats, allow_zero=True)
+        if self.reanchor and self.samples != 1:
+            raise UserError(f"config key latent.reanchor: anchors greedy candidates; it needs latent.samples=1 (got {self.samples})")
         if self.answer == "sample":
             raise UserError("config key latent.answer: 'sample' is LatentEvolve's; LatentSeek's candidates are "
                             "already the best sample of each step (use best)")

@@ -2,10 +2,11 @@
 
 Every method writes ``id, method, problem, gold, output, final_answer, correct, tokens,
 status``. The adaptive ones (LatentSeek, LatentEvolve, resample) add the initial greedy
-answer (``initial_output, initial_answer, initial_correct``), ``iterations``, ``rewards`` (one
-per iteration), ``candidates`` (one dict per iteration: reward, answer, correct, ...) and
-``reward_uses_labels``. ``tokens`` counts every generated token: answers and reward
-generations alike.
+answer (``initial_output, initial_answer, initial_correct``), ``iterations``, ``generations`` (the
+answers generated and scored after the initial one: a prefix tried before is reused, not
+generated), ``rewards`` (one per iteration), ``candidates`` (one dict per iteration: reward,
+answer, correct, tokens, generations, ...) and ``reward_uses_labels``. ``tokens`` counts every
+generated token: answers and reward generations alike.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def adaptive_record(problem: dict, method: str, output: str, tokens: int, reward
         initial_answer=record["final_answer"],
         initial_correct=record["correct"],
         iterations=0,
+        generations=0,
         rewards=rewards,
         candidates=[],
         reward_uses_labels=uses_labels,
@@ -59,14 +61,17 @@ def adaptive_record(problem: dict, method: str, output: str, tokens: int, reward
     return record
 
 
-def add_candidate(record: dict, problem: dict, output: str, tokens: int, reward: float, latents: Optional[dict] = None) -> None:
-    """The newest candidate becomes the answer (the paper returns the last candidate)."""
+def add_candidate(record: dict, problem: dict, output: str, tokens: int, reward: float, latents: Optional[dict] = None,
+                  generations: int = 1) -> None:
+    """The newest candidate becomes the answer (the paper returns the last candidate).
+    ``generations``: answers generated and scored for it now (0: it repeats one tried before)."""
     answer, correct = judge(problem, output)
-    candidate = {"reward": reward, "answer": answer, "correct": correct, "tokens": tokens, "output": output}
+    candidate = {"reward": reward, "answer": answer, "correct": correct, "tokens": tokens, "generations": generations, "output": output}
     candidate.update(latents or {})
     record["candidates"].append(candidate)
     record["rewards"].append(reward)
     record["iterations"] += 1
+    record["generations"] += generations
     record["tokens"] += tokens
     record.update(output=output, final_answer=answer, correct=correct)
 

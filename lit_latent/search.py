@@ -32,10 +32,26 @@ class Samples:
     rewards: list[float]
     tokens: int
     """Tokens generated for them: answers and reward generations (0 for a prefix met before)."""
+    generations: int
+    """How many of them were generated and scored now (a prefix met before is reused)."""
 
     def best(self) -> int:
         """The highest-reward sample, the first on ties."""
         return max(range(len(self.rewards)), key=lambda j: (self.rewards[j], -j))
+
+
+@dataclass
+class Scored:
+    """Candidates finished from prefixes and scored, one entry per row asked for."""
+
+    texts: list[str]
+    rewards: list[float]
+    tokens: list[int]
+    """Tokens generated for each: answer and reward generations (0 for a prefix met before)."""
+    generated: list[bool]
+    """Whether it was generated now (a prefix met before is reused)."""
+    after: list[Optional[Tensor]]
+    """With ``hidden``: the model's states behind the tokens it generated after the prefix (None for a reused one)."""
 
 
 class LatentSearch:
@@ -97,6 +113,16 @@ class LatentSearch:
                 numerical_error(self.records[i], "latents", float("nan"))
         return [i for i in healthy if self.records[i]["status"] != "numerical_error"]
 
+    def reanchor(self, i: int, kept: int, after: Tensor) -> None:
+        """Problem ``i``'s latents become those of the candidate it just scored: its first
+        ``kept`` latents (they decoded to the prefix that was kept) followed by the model's own
+        states behind the tokens generated after it (as many as fit the latents it had, fewer
+        when the candidate is shorter); Adam's moments start afresh."""
+        z = self.latents[i].detach()
+        anchored = torch.cat([z[:kept], after.to(z)])[: z.shape[0]]
+        self.retire([i])
+        self.add(i, anchored)
+
     # --- losses ---------------------------------------------------------------------------
 
     def decode(self, i: int) -> list[int]:
@@ -124,11 +150,12 @@ class LatentSearch:
         if self.reuse:
             self.tried.setdefault(i, {})[tuple(prefix)] = (text, reward)
 
-    def score_prefixes(self, rows: Sequence[tuple[int, Prefix]], prompts, problems, state) -> tuple[list[str], list[float], list[int]]:
-        """Per row (problem, prefix): the model's greedy continuation after the prefix, its
-        reward, and the tokens generated for both. A prefix the problem met before (in this
-        call or an earlier one) is neither generated nor scored again: 0 tokens."""
-        texts, rewards, spent = [""] * len(rows), [0.0] * len(rows), [0] * len(rows)
+    def score_prefixes(self, rows: Sequence[tuple[int, Prefix]], prompts, problems, state, hidden: bool = False) -> Scored:
+        """Per row (problem, prefix): the model's greedy continuation after the prefix and its
+        reward. A prefix the problem met before (in this call or an earlier one) is neither
+        generated nor scored again."""
+        n = len(rows)
+        scored = Scored([""] * n, [0.0] * n, [0] * n, [False] * n, [None] * n)
         fresh: list[int] = []
         source: dict[tuple[int, Prefix], int] = {}  # the row that generates each new (problem, prefix)
         for r, (i, x) in enumerate(rows):
@@ -138,23 +165,25 @@ class LatentSearch:
             source[(i, x)] = r
         if fresh:
             out = self.engine.generate([prompts[rows[r][0]] for r in fresh], prefixes=[list(rows[r][1]) for r in fresh],
-                                       prompt_state=state and state.select([rows[r][0] for r in fresh]))
+                                       prompt_state=state and state.select([rows[r][0] for r in fresh]), return_hidden=hidden)
             fresh_texts = self.engine.decode(out.tokens)
             scores = self.reward.score(self.engine, [problems[rows[r][0]] for r in fresh], fresh_texts)
             for k, r in enumerate(fresh):
-                texts[r], rewards[r] = fresh_texts[k], scores.rewards[k]
-                spent[r] = out.new_tokens[k] + scores.tokens[k]
+                scored.texts[r], scored.rewards[r] = fresh_texts[k], scores.rewards[k]
+                scored.tokens[r] = out.new_tokens[k] + scores.tokens[k]
+                scored.generated[r] = True
+                if hidden:
+                    scored.after[r] = out.hidden[k][len(rows[r][1]) :]
         if self.reuse:
-            generated = set(fresh)
             for r, (i, x) in enumerate(rows):
-                if r in generated:
-                    if math.isfinite(rewards[r]):  # a non-finite reward is not kept: its problem stops
-                        self.tried.setdefault(i, {})[x] = (texts[r], rewards[r])
+                if scored.generated[r]:
+                    if math.isfinite(scored.rewards[r]):  # a non-finite reward is not kept: its problem stops
+                        self.tried.setdefault(i, {})[x] = (scored.texts[r], scored.rewards[r])
                 elif (i, x) in source:  # a repeat within this call
-                    texts[r], rewards[r] = texts[source[(i, x)]], rewards[source[(i, x)]]
+                    scored.texts[r], scored.rewards[r] = scored.texts[source[(i, x)]], scored.rewards[source[(i, x)]]
                 else:  # met in an earlier call
-                    texts[r], rewards[r] = self.tried[i][x]
-        return texts, rewards, spent
+                    scored.texts[r], scored.rewards[r] = self.tried[i][x]
+        return scored
 
     def sample_step(self, active: Sequence[int], m: int, temperature: float, baseline: str, samplers: Sequence[torch.Generator],
                     cut: Callable[[int, list[int]], list[int]], prompts, problems, state) -> tuple[dict[int, Samples], dict[int, Tensor]]:
@@ -164,13 +193,13 @@ class LatentSearch:
         whose rewards are not finite gets no loss (its record says why)."""
         rows = [(i, tuple(cut(i, sample_latents(self.head, self.latents[i], temperature, samplers[i]))))
                 for i in active for _ in range(m)]
-        texts, rewards, spent = self.score_prefixes(rows, prompts, problems, state)
+        scored = self.score_prefixes(rows, prompts, problems, state)
         results, losses = {}, {}
         for k, i in enumerate(active):
             mine = slice(k * m, (k + 1) * m)
-            q = rewards[mine]
+            q = scored.rewards[mine]
             if numerical_error(self.records[i], "reward", sum(q)):
                 continue
-            results[i] = Samples([x for _, x in rows[mine]], texts[mine], q, sum(spent[mine]))
+            results[i] = Samples([x for _, x in rows[mine]], scored.texts[mine], q, sum(scored.tokens[mine]), sum(scored.generated[mine]))
             losses[i] = self.samples_loss(i, results[i].prefixes, q, baseline_value(baseline, q), temperature)
         return results, losses

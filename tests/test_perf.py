@@ -224,12 +224,28 @@ def test_a_prefix_tried_before_is_not_regenerated_and_answers_match_the_referenc
     fast = predict(model, char_tokenizer, cfg, VerifierReward(), batch_size=3)
     assert calls == [False, True]  # the first answers, then the prefix's continuation once
     assert all(r["iterations"] == 3 and [c["tokens"] == 0 for c in r["candidates"]] == [False, True, True] for r in fast)
+    assert all(r["generations"] == 1 and [c["generations"] for c in r["candidates"]] == [1, 0, 0] for r in fast)
     cfg.perf.reference_mode = True
     slow = predict(model, char_tokenizer, cfg, VerifierReward(), batch_size=1)
     assert len(calls) == 2 + len(PROBLEMS) * (1 + 3)  # the reference regenerates every candidate
-    drop = lambda r: {k: v for k, v in r.items() if k != "tokens"} | {"candidates": [{k: v for k, v in c.items() if k != "tokens"} for c in r["candidates"]]}
+    cost = ("tokens", "generations")
+    drop = lambda r: {k: v for k, v in r.items() if k not in cost} | {"candidates": [{k: v for k, v in c.items() if k not in cost} for c in r["candidates"]]}
     assert [drop(r) for r in fast] == [drop(r) for r in slow]
-    assert all(s["tokens"] > f["tokens"] for f, s in zip(fast, slow))
+    assert all(s["tokens"] > f["tokens"] and s["generations"] == 3 for f, s in zip(fast, slow))
+
+
+@pytest.mark.parametrize("free_repeats, iterations", [(0, 3), (2, 5), (9, 12)])
+def test_free_repeats_do_not_count_toward_the_iterations(char_tokenizer, free_repeats, iterations):
+    # every update decodes the original prefix again (lr too small to flip a token): the first
+    # candidate is new, the rest repeat it; latent.free_repeats of those do not spend one of K = 3
+    from lit_latent.rewards import VerifierReward
+    from conftest import make_tiny_model
+
+    cfg = make_cfg(max_latents=4, lr=1e-6, max_iterations=3)
+    cfg.latent.free_repeats = free_repeats
+    for r in predict(make_tiny_model("llama", len(char_tokenizer)), char_tokenizer, cfg, VerifierReward(), batch_size=3):
+        assert r["iterations"] == iterations and r["generations"] == 1
+        assert [c["generations"] for c in r["candidates"]] == [1] + [0] * (iterations - 1)
 
 
 def test_latents_updated_in_place_decode_to_their_new_tokens_under_autocast():

@@ -74,7 +74,7 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         for i, s in results.items():
             # the step's candidate, as LatentSeek's: its best sample (reward: the M samples' mean)
             mean, top = sum(s.rewards) / m, s.best()
-            add_candidate(records[i], problems[i], s.texts[top], s.tokens, mean)
+            add_candidate(records[i], problems[i], s.texts[top], s.tokens, mean, generations=s.generations)
             records[i]["candidates"][-1]["best_reward"] = s.rewards[top]
             progress[i].update(mean, s.rewards[top], s.texts[top], search.latents[i])
         active = [i for i in search.step(losses) if progress[i].stale < cfg.patience]

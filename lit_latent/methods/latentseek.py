@@ -31,8 +31,11 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
     state = engine.prompt_state(prompts)  # the prompts' cache serves every candidate
     records: list[dict] = [{} for _ in range(n)]
     search = LatentSearch(engine, reward, cfg.lr, records)
-    original: list[list[int]] = [[] for _ in range(n)]  # the tokens the latents decoded to at first
+    # the tokens a decoded prefix is compared with: the initial answer's (with reanchor, the anchor's)
+    original: list[list[int]] = [[] for _ in range(n)]
     current, steps = [0.0] * n, [0] * n  # each problem's latest reward and iterations
+    repeats = [0] * n  # iterations whose candidate was tried before (latent.free_repeats of them do not count)
+    anchor = [0.0] * n  # latent.reanchor: the reward of the candidate the latents were last anchored to
     samplers = [engine.generator(p["id"], "latent") for p in problems]
 
     def cut(i: int, prefix: list[int]) -> list[int]:
@@ -50,7 +53,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             for k, i in enumerate(new):
                 records[i] = engine.adaptive_record(problems[i], texts[k], first.new_tokens[k] + scores.tokens[k],
                                                     [scores.rewards[k]], reward, scores.details[k] if scores.details else None)
-                current[i] = scores.rewards[k]
+                current[i] = anchor[i] = scores.rewards[k]
                 # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of the answer
                 count = latent_count(len(first.tokens[k]), cfg.rho, cfg.max_latents)
                 original[i] = first.tokens[k][:count]
@@ -68,12 +71,20 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             # 3-5. REINFORCE on the tokens the latents decode to (reward - 1: push away from them), then a new candidate
             active = search.step({i: search.greedy_loss(i, current[i] - 1.0) for i in active})
             rows = [(i, tuple(cut(i, search.decode(i)))) for i in active]
-            texts, rewards, spent = search.score_prefixes(rows, prompts, problems, state)
-            for (i, _), text, r, tokens in zip(rows, texts, rewards, spent):
+            scored = search.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
+            for k, (i, prefix) in enumerate(rows):
+                r = scored.rewards[k]
                 if numerical_error(records[i], "reward", r):
                     continue  # the problem keeps its last good candidate
                 current[i] = r
-                add_candidate(records[i], problems[i], text, tokens, r, engine.describe_latents(search.latents[i]))
+                repeats[i] += not scored.generated[k]
+                add_candidate(records[i], problems[i], scored.texts[k], scored.tokens[k], r,
+                              engine.describe_latents(search.latents[i]), int(scored.generated[k]))
+                if cfg.reanchor and scored.generated[k] and r >= anchor[i]:
+                    # latent.reanchor: the next edit starts from this candidate, the loss covers its tokens
+                    anchor[i] = r
+                    search.reanchor(i, len(prefix), scored.after[k])
+                    original[i] = search.decode(i)
         else:
             # M sampled prefixes per problem, Q compared with latent.baseline; the best sample is the candidate
             results, losses = search.sample_step(active, cfg.samples, cfg.sample_temperature, cfg.baseline, samplers, cut,
@@ -81,12 +92,14 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             for i, s in results.items():
                 best = s.best()
                 current[i] = s.rewards[best]
-                add_candidate(records[i], problems[i], s.texts[best], s.tokens, s.rewards[best])
+                repeats[i] += s.generations == 0
+                add_candidate(records[i], problems[i], s.texts[best], s.tokens, s.rewards[best], generations=s.generations)
             active = search.step(losses)
             for i in active:  # what the updated latents now decode to
                 records[i]["candidates"][-1].update(engine.describe_latents(search.latents[i]))
-        # 6. a problem stops once its reward passes the threshold, or after K iterations (its slot is refilled)
-        active = [i for i in active if current[i] < threshold and steps[i] < cfg.max_iterations]
+        # 6. a problem stops once its reward passes the threshold, or after K iterations (its slot is
+        # refilled); up to latent.free_repeats iterations that only repeated a tried candidate do not count
+        active = [i for i in active if current[i] < threshold and steps[i] - min(repeats[i], cfg.free_repeats) < cfg.max_iterations]
         search.retire([i for i in stepped if i not in active])
     if cfg.answer == "best":
         for rec in records:
