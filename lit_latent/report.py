@@ -1,7 +1,8 @@
-"""Compare finished runs: one markdown table and two plots, read by looking.
+"""Compare finished runs: a markdown table, a table at equal budgets, and three plots.
 
     python -m lit_latent.report runs/cot runs/latentseek              # table on stdout; files in runs/cot
-    python -m lit_latent.report runs/* --out reports/gsm8k            # report.md, accuracy.png, iterations.png
+    python -m lit_latent.report runs/* --out reports/gsm8k            # report.md, accuracy.png, iterations.png, budgets.png
+    python -m lit_latent.report runs/* --token-budgets 200,400,800     # the equal-budget table at these budgets
 
 Each RUN_DIR is an ``adapt.py`` run folder: ``config.yaml`` names the method, reward and data,
 ``predictions.jsonl`` holds the records. ``aggregate`` and ``by_iteration`` are plain functions
@@ -50,6 +51,50 @@ def by_iteration(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[f
     return mean_reward, accuracy
 
 
+def stopping_points(record: dict[str, Any], answer: str = "last") -> list[tuple[int, int, bool]]:
+    """``(tokens, tries, correct)`` had the run stopped after the initial answer, after its
+    first candidate, its second, ...: what a smaller budget would have given.
+
+    Tokens count every generated token (answers and reward generations); tries count the
+    answers generated and scored (the initial one included; a candidate that repeats a tried
+    prefix is free). ``answer`` is the run's rule: ``last`` (the newest candidate) or ``best``
+    (the highest reward so far, earliest on ties). LatentSeek and resample candidates are
+    decided one by one, so a cut is the run that budget would have made; LatentEvolve's answer
+    comes after its whole refinement, so its records give two points, the initial answer and
+    the final one. Other methods give one point, their answer at their cost.
+    """
+    candidates = record.get("candidates") or []
+    if "initial_correct" not in record:
+        return [(record["tokens"], len(record.get("samples") or [None]), bool(record["correct"]))]
+    spent = record["tokens"] - sum(c["tokens"] for c in candidates)
+    if record.get("method") == "latentevolve" or len(record["rewards"]) != len(candidates) + 1:
+        tries = 1 + sum(c.get("generations", 1) for c in candidates)
+        return [(spent, 1, bool(record["initial_correct"])), (record["tokens"], tries, bool(record["correct"]))]
+    points = [(spent, 1, bool(record["initial_correct"]))]
+    tries, best = 1, (record["rewards"][0], bool(record["initial_correct"]))
+    for c in candidates:
+        spent += c["tokens"]
+        tries += c.get("generations", 1)
+        if c["reward"] > best[0]:
+            best = (c["reward"], bool(c["correct"]))
+        points.append((spent, tries, best[1] if answer == "best" else bool(c["correct"])))
+    return points
+
+
+def under_budget(records: Sequence[dict[str, Any]], answer: str, budget: float, by: str) -> tuple[float, float]:
+    """(accuracy, mean tokens or tries spent per problem) when each problem may spend at most
+    ``budget`` (``by``: "tokens" or "tries"); a problem whose initial answer already costs more
+    has no answer (wrong) and spends nothing."""
+    axis = 0 if by == "tokens" else 1
+    correct, spent = 0, 0
+    for r in records:
+        within = [p for p in stopping_points(r, answer) if p[axis] <= budget]
+        if within:
+            correct += within[-1][2]
+            spent += within[-1][axis]
+    return correct / len(records), spent / len(records)
+
+
 # --- reading runs ------------------------------------------------------------------------------
 
 
@@ -70,7 +115,10 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if reward and any(r.get("reward_uses_labels") for r in records):
         reward += " (gold labels)"
     data_path = (config.get("data") or {}).get("path")
+    # the answer rule decides what a cut run would have answered (the schema's default: last)
+    answer = (config.get("latent") or {}).get("answer", "last") if method in ("latentseek", "resample") else "last"
     return {
+        "answer": answer,
         "dir": run_dir,
         "method": method,
         "data": Path(data_path).stem if data_path else "?",
@@ -121,12 +169,74 @@ def table_row(label: str, run: dict[str, Any], agg: dict[str, Any]) -> list[str]
 
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    return markdown(COLUMNS, rows)
+
+
+# --- equal budgets ---------------------------------------------------------------------------
+
+
+def token_budgets(runs: Sequence[dict[str, Any]], count: int = 5) -> list[int]:
+    """``count`` per-problem token budgets, spaced by ratio, from the runs' median initial
+    answer to their median full spend, rounded to two significant digits."""
+    first = sorted(stopping_points(r, run["answer"])[0][0] for run in runs for r in run["records"])
+    last = sorted(stopping_points(r, run["answer"])[-1][0] for run in runs for r in run["records"])
+    lo, hi = max(1, first[len(first) // 2]), max(2, last[len(last) // 2], first[len(first) // 2] + 1)
+    raw = [lo * (hi / lo) ** (k / (count - 1)) for k in range(count)]
+    return sorted({int(float(f"{b:.2g}")) for b in raw})
+
+
+def budget_rows(labels: Sequence[str], runs: Sequence[dict[str, Any]], tokens: Sequence[int], tries: Sequence[int]) -> tuple[list[str], list[list[str]]]:
+    """Accuracy (%) of each run when each problem may spend at most B tokens, or N tries."""
+    header = ["run"] + [f"<= {b} tokens" for b in tokens] + [f"<= {n} tries" for n in tries]
+    rows = []
+    for label, run in zip(labels, runs):
+        cells = [f"{100 * under_budget(run['records'], run['answer'], b, 'tokens')[0]:.1f}" for b in tokens]
+        cells += [f"{100 * under_budget(run['records'], run['answer'], n, 'tries')[0]:.1f}" for n in tries]
+        rows.append([label] + cells)
+    return header, rows
+
+
+def budget_curve(run: dict[str, Any], by: str) -> tuple[list[float], list[float]]:
+    """(mean spent per problem, accuracy) at every budget where some problem's answer changes."""
+    axis = 0 if by == "tokens" else 1
+    budgets = sorted({p[axis] for r in run["records"] for p in stopping_points(r, run["answer"])})
+    points = [under_budget(run["records"], run["answer"], b, by) for b in budgets]
+    return [spent for _, spent in points], [100 * acc for acc, _ in points]
+
+
+def plot_budgets(path: Path, labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    for label, run in zip(labels, runs):
+        for ax, by in ((ax_t, "tokens"), (ax_n, "tries")):
+            xs, ys = budget_curve(run, by)
+            ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=4, drawstyle="steps-post", label=label)
+    ax_t.set_xscale("log")
+    ax_t.set_xlabel("generated tokens per problem (answers and rewards), mean")
+    ax_n.set_xlabel("answers generated and scored per problem, mean")
+    for ax, title in ((ax_t, "Accuracy at equal tokens"), (ax_n, "Accuracy at equal tries")):
+        ax.set_title(title)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.text(0.5, 0.0, "Each point: every problem may spend at most B; a run stops where its next candidate would pass B.",
+             ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(f"{c:{w}}" for c, w in zip(cells, widths)) + " |"
 
-    return "\n".join([line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -188,10 +298,24 @@ def plot_iterations(path: Path, curves: Sequence[tuple[str, list[float], list[fl
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lit_latent.report", description="Compare adapt.py runs: markdown table, accuracy.png, iterations.png.")
+    parser = argparse.ArgumentParser(prog="python -m lit_latent.report", description="Compare adapt.py runs: markdown tables, accuracy.png, iterations.png, budgets.png.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by adapt.py")
     parser.add_argument("--out", help="where report.md and the plots go (default: the first RUN_DIR)")
+    parser.add_argument("--token-budgets", type=budget_list, metavar="B,B,...",
+                        help="per-problem token budgets of the equal-budget table (default: 5 from the runs' spread)")
+    parser.add_argument("--try-budgets", type=budget_list, default=[1, 2, 3, 6, 11], metavar="N,N,...",
+                        help="per-problem tries of the equal-budget table (default: 1,2,3,6,11)")
     return parser.parse_args(argv)
+
+
+def budget_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be > 0, got {text!r}")
+    return values
 
 
 def main(argv: list[str]) -> str:
@@ -221,6 +345,16 @@ def main(argv: list[str]) -> str:
     else:
         (out / "iterations.png").unlink(missing_ok=True)  # a stale plot would belong to other runs
         print("no adaptive run (latentseek, resample): no iterations.png")
+
+    header, rows = budget_rows(labels, runs, args.token_budgets or token_budgets(runs), args.try_budgets)
+    budgets = markdown(header, rows)
+    print(f"\naccuracy % when each problem may spend at most B generated tokens, or N answers generated and scored:\n{budgets}")
+    plot_budgets(out / "budgets.png", labels, runs)
+    written.append("budgets.png")
+    report += (f"\n## At equal budgets\n\nAccuracy (%) when each problem may spend at most B generated tokens (answers and "
+               f"reward generations), or N tries (answers generated and scored, the initial one included); a run is cut "
+               f"where its next candidate would pass the budget and answers by its own rule.\n\n{budgets}\n\n"
+               f"![accuracy at equal tokens and tries](budgets.png)\n")
     (out / "report.md").write_text(report, encoding="utf-8")
     written.insert(0, "report.md")
     print(f"wrote {', '.join(written)} in {out}")

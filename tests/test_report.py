@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_latent.report import aggregate, by_iteration, main
+from lit_latent.report import aggregate, budget_curve, by_iteration, main, stopping_points, token_budgets, under_budget
 from lit_latent.runs import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,44 @@ def test_by_iteration_keeps_the_last_value_of_a_stopped_problem():
     assert by_iteration([plain(True), plain(False)]) == ([], [])
 
 
+def costed(rewards, corrects, tokens, generations=None, initial=50):
+    """An adaptive record whose candidates cost ``tokens[k]`` tokens and ``generations[k]`` tries."""
+    record = adaptive(rewards, corrects, tokens=initial + sum(tokens))
+    for c, t, g in zip(record["candidates"], tokens, generations or [1] * len(tokens)):
+        c.update(tokens=t, generations=g)
+    return record
+
+
+def test_stopping_points_follow_the_answer_rule_and_end_at_the_record():
+    # the second candidate is right but scores under the first: "best" keeps the first
+    record = costed([0.2, 0.6, 0.4, 0.9], [False, False, True, True], tokens=[30, 0, 20], generations=[1, 0, 1])
+    assert stopping_points(record, "last") == [(50, 1, False), (80, 2, False), (80, 2, True), (100, 3, True)]
+    assert stopping_points(record, "best") == [(50, 1, False), (80, 2, False), (80, 2, False), (100, 3, True)]
+    record["correct"] = False  # as choose_best would have it with the last candidate worse
+    record["rewards"][-1] = record["candidates"][-1]["reward"] = 0.5
+    assert stopping_points(record, "best")[-1] == (100, 3, False)
+    assert stopping_points(plain(True, tokens=7), "last") == [(7, 1, True)]
+    assert stopping_points(dict(plain(False, tokens=80), samples=[{}] * 8), "last") == [(80, 8, False)]
+    evolve = dict(costed([0.5, 0.7], [False, False], tokens=[40]), method="latentevolve", correct=True, tokens=120)
+    evolve["rewards"] = [0.5, 0.7]  # LatentEvolve's rewards are the steps' means: two points only
+    assert stopping_points(evolve, "last") == [(80, 1, False), (120, 2, True)]
+
+
+def test_under_budget_cuts_each_problem_where_its_next_candidate_would_pass_it():
+    records = [costed([0.0, 1.0], [False, True], tokens=[40]),                  # right at 90 tokens, 2 tries
+               costed([0.0, 0.0, 1.0], [False, False, True], tokens=[10, 10]),  # right at 70, 3 tries
+               costed([1.0], [True], tokens=[], initial=120)]                     # right, but its first answer costs 120
+    assert under_budget(records, "last", 60, "tokens") == (0.0, (50 + 60 + 0) / 3)
+    assert under_budget(records, "last", 90, "tokens") == (2 / 3, (90 + 70 + 0) / 3)
+    assert under_budget(records, "last", 120, "tokens") == (1.0, (90 + 70 + 120) / 3)
+    assert under_budget(records, "last", 2, "tries") == (2 / 3, (2 + 2 + 1) / 3)
+    assert under_budget(records, "last", 3, "tries") == (1.0, (2 + 3 + 1) / 3)
+    run = {"records": records, "answer": "last"}
+    xs, ys = budget_curve(run, "tokens")
+    assert xs == sorted(xs) and ys[-1] == 100.0 and len(xs) == 5  # budgets 50, 60, 70, 90, 120
+    assert token_budgets([run], count=3) == [50, 67, 90]  # medians 50 (initial) -> 90 (full)
+
+
 def make_run(path: Path, config: str, records: list) -> Path:
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(config)
@@ -88,11 +126,16 @@ def test_cli_writes_the_table_and_both_plots(two_runs, tmp_path, capsys):
     assert run_entry_point(main, [*map(str, two_runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     md = (out / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| ")}
+    first = md.split("## At equal budgets")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in first.splitlines() if line.startswith("| ")}
     assert rows["cot"][1:] == ["cot", "gsm8k_test", "-", "4", "50.0 (15.0-85.0)", "-", "-", "10", "0.50"]
     assert rows["seek"][1:] == ["latentseek", "gsm8k_test", "verifier (gold labels)", "4", "75.0 (30.1-95.4)", "50.0", "1.00", "100", "2.00"]
     assert "| cot " in printed and "| seek " in printed
-    for name in ("accuracy.png", "iterations.png"):
+    assert "| run  | <= " in printed and "| <= 1 tries |" in printed
+    budgets = [line for line in md.split("## At equal budgets")[1].splitlines() if line.startswith("| seek")]
+    # seek at 1 try: its initial answers (2 of 4 right); at 2 tries: one more fixed (its last candidate)
+    assert [c.strip() for c in budgets[0].split("|")[1:-1]][-5:] == ["50.0", "75.0", "75.0", "75.0", "75.0"]
+    for name in ("accuracy.png", "iterations.png", "budgets.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
 
