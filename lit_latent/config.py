@@ -171,6 +171,8 @@ class LatentConfig(SearchConfig):
     """K, policy-gradient iterations per problem (paper: 10)."""
     reanchor: bool = False
     """After a new candidate that scores at least as well as the one the latents were last anchored to (at first the initial answer), the latents become that candidate's (the kept prefix's, then the model's states behind the regenerated tokens) and Adam restarts: edits build on each other and the loss covers the scored tokens. For regenerate_after_first_change."""
+    edit_from: str = "start"
+    """Which of the L latents are optimized: start (all, the paper) or first_failing_line (only those from the first line the reward's own verdicts fail, e.g. reward.scheme=recompute; the chain before it stays as it is; a reward that cannot tell edits from the start)."""
     free_repeats: int = 0
     """Iterations whose candidate repeats one the problem tried before (nothing new generated) that do not count toward K; 0: every iteration counts (the paper)."""
 
@@ -181,6 +183,9 @@ class LatentConfig(SearchConfig):
         _positive("latent.max_latents", self.max_latents)
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
         _positive("latent.free_repeats", self.free_repeats, allow_zero=True)
+        _one_of("latent.edit_from", self.edit_from, ("start", "first_failing_line"))
+        if self.edit_from != "start" and self.samples != 1:
+            raise UserError(f"config key latent.edit_from: edits greedy candidates; it needs latent.samples=1 (got {self.samples})")
         if self.reanchor and self.samples != 1:
             raise UserError(f"config key latent.reanchor: anchors greedy candidates; it needs latent.samples=1 (got {self.samples})")
         if self.answer == "sample":

@@ -122,6 +122,18 @@ class Engine:
     def decode(self, tokens: Sequence[Sequence[int]]) -> list[str]:
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
+    def token_at(self, tokens: Sequence[int], offset: int) -> int:
+        """The index of the token that writes character ``offset`` of ``decode(tokens)`` (the
+        first whose decoded prefix reaches past it; ``len(tokens)`` when none does)."""
+        lo, hi = 0, len(tokens)
+        while lo < hi:  # the decoded length grows with the prefix: bisect on it
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(tokens[: mid + 1], skip_special_tokens=True)) > offset:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def record(self, problem: dict, output: str, tokens: int) -> dict:
         """A method's record of ``problem`` (``lit_latent.records``); its status says if the prompt was cut."""
         return new_record(problem, self.cfg.method, output, tokens, problem["id"] in self.truncated)

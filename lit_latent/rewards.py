@@ -59,6 +59,12 @@ class Reward:
     def score(self, engine, problems: Sequence[dict], completions: Sequence[str]) -> Scores:
         raise NotImplementedError
 
+    def first_flaw(self, completion: str, details: Optional[dict]) -> Optional[int]:
+        """Where ``completion`` first goes wrong by this reward's own verdicts (``details``, as
+        its ``score`` gave them): the character offset of that line, or None when the reward
+        cannot tell (``latent.edit_from=first_failing_line`` then edits from the start)."""
+        return None
+
     def forget(self, problem_ids: Sequence[str]) -> None:
         """These problems are finished: drop anything kept for them (``callbacks.rewards``)."""
 
@@ -181,6 +187,28 @@ class SelfReward(Reward):
         rewards = [combine_verdicts(v, self.weights) for v in verdicts]
         details = [{c: [None if x is None else int(x) for x in vs] for c, vs in v.items()} for v in verdicts]
         return Scores(rewards, tokens, details)
+
+
+    def first_flaw(self, completion: str, details: Optional[dict]) -> Optional[int]:
+        """The line-by-line schemes' verdicts, walked in text order: the first calculation line
+        the check failed, or that no check could be asked of (it counts as failed); else, when
+        only the final check failed, the answer line."""
+        if self.scheme not in LINE_SCHEMES or not details or "calculation" not in self.weights:
+            return None
+        asked = iter(details.get("calculation", []))  # the verifiable lines' verdicts come first, in order
+        offset, answer_at = 0, None
+        for line in completion.splitlines(keepends=True):
+            text = line.strip()
+            verifiable = bool(calculation_lines(line)) and (self.scheme != "recompute" or recompute_question(text) is not None)
+            if verifiable:
+                if next(asked, 0) != 1:
+                    return offset
+            elif text and is_answer_line(line):
+                answer_at = offset if answer_at is None else answer_at
+            elif text:
+                return offset  # no check fits the line: it counts as failed
+            offset += len(line)
+        return answer_at if details.get("answer") and not all(v == 1 for v in details["answer"]) else None
 
 
 # --- majority: TTRL-style agreement with the majority answer ---------------------------------

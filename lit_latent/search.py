@@ -52,6 +52,8 @@ class Scored:
     """Whether it was generated now (a prefix met before is reused)."""
     after: list[Optional[Tensor]]
     """With ``hidden``: the model's states behind the tokens it generated after the prefix (None for a reused one)."""
+    details: list[Optional[dict]]
+    """The reward's details of each (its verdicts; None for a reused one or a reward without)."""
 
 
 class LatentSearch:
@@ -128,9 +130,10 @@ class LatentSearch:
     def decode(self, i: int) -> list[int]:
         return decode_latents(self.head, self.latents[i])
 
-    def greedy_loss(self, i: int, advantage: float) -> Tensor:
-        """LatentSeek: REINFORCE on the tokens the latents decode to, ``-A sum_t log p(x_t | z_t)``."""
-        z = self.latents[i]
+    def greedy_loss(self, i: int, advantage: float, start: int = 0) -> Tensor:
+        """LatentSeek: REINFORCE on the tokens the latents decode to, ``-A sum_t log p(x_t | z_t)``
+        over ``t >= start`` (the latents before ``start`` get no gradient, so they never move)."""
+        z = self.latents[i][start:]
         tokens = torch.tensor(decode_latents(self.head, z), device=z.device)
         return policy_loss(token_log_probs(self.head, z, tokens).sum(), advantage)
 
@@ -155,7 +158,7 @@ class LatentSearch:
         reward. A prefix the problem met before (in this call or an earlier one) is neither
         generated nor scored again."""
         n = len(rows)
-        scored = Scored([""] * n, [0.0] * n, [0] * n, [False] * n, [None] * n)
+        scored = Scored([""] * n, [0.0] * n, [0] * n, [False] * n, [None] * n, [None] * n)
         fresh: list[int] = []
         source: dict[tuple[int, Prefix], int] = {}  # the row that generates each new (problem, prefix)
         for r, (i, x) in enumerate(rows):
@@ -172,6 +175,7 @@ class LatentSearch:
                 scored.texts[r], scored.rewards[r] = fresh_texts[k], scores.rewards[k]
                 scored.tokens[r] = out.new_tokens[k] + scores.tokens[k]
                 scored.generated[r] = True
+                scored.details[r] = scores.details[k] if scores.details else None
                 if hidden:
                     scored.after[r] = out.hidden[k][len(rows[r][1]) :]
         if self.reuse:

@@ -36,7 +36,13 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
     current, steps = [0.0] * n, [0] * n  # each problem's latest reward and iterations
     repeats = [0] * n  # iterations whose candidate was tried before (latent.free_repeats of them do not count)
     anchor = [0.0] * n  # latent.reanchor: the reward of the candidate the latents were last anchored to
+    start = [0] * n  # the first latent optimized (latent.edit_from)
     samplers = [engine.generator(p["id"], "latent") for p in problems]
+
+    def edit_start(tokens: list[int], text: str, details, count: int) -> int:
+        # latent.edit_from=first_failing_line: the latents before the line the reward fails stay put
+        flaw = reward.first_flaw(text, details) if cfg.edit_from == "first_failing_line" else None
+        return 0 if flaw is None else min(engine.token_at(tokens, flaw), count - 1)
 
     def cut(i: int, prefix: list[int]) -> list[int]:
         # latent.regenerate_after_first_change: the model rewrites what follows the first edit
@@ -61,6 +67,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
                     search.remember(i, original[i], texts[k], scores.rewards[k])
                 if count and current[i] < threshold:
                     search.add(i, first.hidden[k][:count])
+                    start[i] = edit_start(first.tokens[k], texts[k], scores.details[k] if scores.details else None, count)
                     active.append(i)
         if not active:
             continue
@@ -69,7 +76,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             steps[i] += 1
         if cfg.samples == 1:
             # 3-5. REINFORCE on the tokens the latents decode to (reward - 1: push away from them), then a new candidate
-            active = search.step({i: search.greedy_loss(i, current[i] - 1.0) for i in active})
+            active = search.step({i: search.greedy_loss(i, current[i] - 1.0, start[i]) for i in active})
             rows = [(i, tuple(cut(i, search.decode(i)))) for i in active]
             scored = search.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
             for k, (i, prefix) in enumerate(rows):
@@ -85,6 +92,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
                     anchor[i] = r
                     search.reanchor(i, len(prefix), scored.after[k])
                     original[i] = search.decode(i)
+                    start[i] = edit_start(original[i], scored.texts[k], scored.details[k], len(original[i]))
         else:
             # M sampled prefixes per problem, Q compared with latent.baseline; the best sample is the candidate
             results, losses = search.sample_step(active, cfg.samples, cfg.sample_temperature, cfg.baseline, samplers, cut,
