@@ -93,12 +93,13 @@ def test_multiple_choice_preset_rejects_a_row_without_choices(tiny_model_dir, tm
     assert err == f"error: {path}:1: data.prompt=choice needs a 'choices' field on every row"
 
 
-def test_the_resample_control_uses_latentseeks_reward_stopping_and_answer_rules():
+@pytest.mark.parametrize("config, method", [("resample.yaml", "resample"), ("latentseek_anchored.yaml", "latentseek")])
+def test_the_resample_control_and_anchored_latentseek_use_latentseeks_reward_stopping_and_answer_rules(config, method):
     # "same reward and stopping rule" must be true by default, or the control compares apples with pears
     seek = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek.yaml")], [])
-    control = load_config(AdaptConfig, [str(ROOT / "configs" / "resample.yaml")], [])
-    assert control.method == "resample" and control.reward == seek.reward
+    other = load_config(AdaptConfig, [str(ROOT / "configs" / config)], [])
+    assert other.method == method and other.reward == seek.reward
     for key in ("max_iterations", "stop_threshold", "answer"):
-        assert getattr(control.latent, key) == getattr(seek.latent, key), key
-    assert control.generation.max_new_tokens == seek.generation.max_new_tokens
-    assert control.data.batch_size == seek.data.batch_size
+        assert getattr(other.latent, key) == getattr(seek.latent, key), key
+    assert other.generation.max_new_tokens == seek.generation.max_new_tokens
+    assert other.data.batch_size == seek.data.batch_size
