@@ -176,11 +176,13 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def token_budgets(runs: Sequence[dict[str, Any]], count: int = 5) -> list[int]:
-    """``count`` per-problem token budgets, spaced by ratio, from the runs' median initial
-    answer to their median full spend, rounded to two significant digits."""
+    """``count`` per-problem token budgets, spaced by ratio, from the median cost of a first
+    answer (over every run's problems) to the largest 90th percentile of a run's full spend,
+    rounded to two significant digits."""
     first = sorted(stopping_points(r, run["answer"])[0][0] for run in runs for r in run["records"])
-    last = sorted(stopping_points(r, run["answer"])[-1][0] for run in runs for r in run["records"])
-    lo, hi = max(1, first[len(first) // 2]), max(2, last[len(last) // 2], first[len(first) // 2] + 1)
+    lo = max(1, first[len(first) // 2])
+    spends = [sorted(stopping_points(r, run["answer"])[-1][0] for r in run["records"]) for run in runs]
+    hi = max(lo + 1, *(s[min(len(s) - 1, int(0.9 * len(s)))] for s in spends))
     raw = [lo * (hi / lo) ** (k / (count - 1)) for k in range(count)]
     return sorted({int(float(f"{b:.2g}")) for b in raw})
 
@@ -215,7 +217,8 @@ def plot_budgets(path: Path, labels: Sequence[str], runs: Sequence[dict[str, Any
         for ax, by in ((ax_t, "tokens"), (ax_n, "tries")):
             xs, ys = budget_curve(run, by)
             ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=4, drawstyle="steps-post", label=label)
-    ax_t.set_xscale("log")
+    first = sorted(stopping_points(r, run["answer"])[0][0] for run in runs for r in run["records"])
+    ax_t.set_xlim(left=max(1.0, 0.3 * first[len(first) // 2]))  # below that hardly any first answer fits
     ax_t.set_xlabel("generated tokens per problem (answers and rewards), mean")
     ax_n.set_xlabel("answers generated and scored per problem, mean")
     for ax, title in ((ax_t, "Accuracy at equal tokens"), (ax_n, "Accuracy at equal tries")):

@@ -101,7 +101,7 @@ def test_under_budget_cuts_each_problem_where_its_next_candidate_would_pass_it()
     run = {"records": records, "answer": "last"}
     xs, ys = budget_curve(run, "tokens")
     assert xs == sorted(xs) and ys[-1] == 100.0 and len(xs) == 5  # budgets 50, 60, 70, 90, 120
-    assert token_budgets([run], count=3) == [50, 67, 90]  # medians 50 (initial) -> 90 (full)
+    assert token_budgets([run], count=3) == [50, 77, 120]  # median first answer 50 -> 90th percentile of full spend 120
 
 
 def make_run(path: Path, config: str, records: list) -> Path:
