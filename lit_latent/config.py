@@ -173,6 +173,8 @@ class LatentConfig(SearchConfig):
     """After a new candidate that scores at least as well as the one the latents were last anchored to (at first the initial answer), the latents become that candidate's (the kept prefix's, then the model's states behind the regenerated tokens) and Adam restarts: edits build on each other and the loss covers the scored tokens. For regenerate_after_first_change."""
     edit_from: str = "start"
     """Which of the L latents are optimized: start (all, the paper) or first_failing_line (only those from the first line the reward's own verdicts fail, e.g. reward.scheme=recompute; the chain before it stays as it is; a reward that cannot tell edits from the start)."""
+    loss_tokens: str = "decoded"
+    """Which tokens the greedy policy-gradient loss covers: decoded (what all optimized latents decode to, the paper) or scored (only those of the last candidate's kept prefix: with regenerate_after_first_change, the latents after its first change were not scored)."""
     free_repeats: int = 0
     """Iterations whose candidate repeats one the problem tried before (nothing new generated) that do not count toward K; 0: every iteration counts (the paper)."""
 
@@ -184,6 +186,7 @@ class LatentConfig(SearchConfig):
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
         _positive("latent.free_repeats", self.free_repeats, allow_zero=True)
         _one_of("latent.edit_from", self.edit_from, ("start", "first_failing_line"))
+        _one_of("latent.loss_tokens", self.loss_tokens, ("decoded", "scored"))
         if self.edit_from != "start" and self.samples != 1:
             raise UserError(f"config key latent.edit_from: edits greedy candidates; it needs latent.samples=1 (got {self.samples})")
         if self.reanchor and self.samples != 1:

@@ -130,10 +130,10 @@ class LatentSearch:
     def decode(self, i: int) -> list[int]:
         return decode_latents(self.head, self.latents[i])
 
-    def greedy_loss(self, i: int, advantage: float, start: int = 0) -> Tensor:
+    def greedy_loss(self, i: int, advantage: float, start: int = 0, end: Optional[int] = None) -> Tensor:
         """LatentSeek: REINFORCE on the tokens the latents decode to, ``-A sum_t log p(x_t | z_t)``
-        over ``t >= start`` (the latents before ``start`` get no gradient, so they never move)."""
-        z = self.latents[i][start:]
+        over ``start <= t < end`` (the other latents get no gradient from it)."""
+        z = self.latents[i][start:end]
         tokens = torch.tensor(decode_latents(self.head, z), device=z.device)
         return policy_loss(token_log_probs(self.head, z, tokens).sum(), advantage)
 

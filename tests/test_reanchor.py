@@ -64,3 +64,19 @@ def test_without_reanchor_nothing_is_anchored(tiny_model, char_tokenizer, monkey
 def test_reanchor_needs_greedy_candidates():
     with pytest.raises(UserError, match="latent.reanchor: .* latent.samples=1"):
         make_cfg(reanchor=True, samples=4)
+
+
+def test_with_loss_tokens_scored_the_loss_covers_the_last_candidates_kept_prefix(tiny_model, char_tokenizer, monkeypatch):
+    from lit_latent.latents import keep_through_first_change
+
+    ends = {}  # problem -> the `end` of each greedy loss
+    real = LatentSearch.greedy_loss
+    monkeypatch.setattr(LatentSearch, "greedy_loss",
+                        lambda self, i, adv, start=0, end=None: ends.setdefault(i, []).append(end) or real(self, i, adv, start, end))
+    cfg = make_cfg(max_latents=6, lr=0.5, rho=1.0, max_iterations=4, regenerate_after_first_change=True, loss_tokens="scored")
+    records = predict(tiny_model, char_tokenizer, cfg, ScriptedReward([0.0] * 6), batch_size=3)
+    for i, r in enumerate(records):
+        cot = char_tokenizer(r["initial_output"], add_special_tokens=False)["input_ids"][:6]
+        kept = [len(keep_through_first_change(c["latent_tokens"], cot)) for c in r["candidates"]]
+        assert ends[i] == [None] + kept[:-1]  # the first step: the CoT, scored whole
+    assert any(e is not None and e < 6 for row in ends.values() for e in row)  # some candidates were cut

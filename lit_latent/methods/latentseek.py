@@ -14,6 +14,7 @@ slot, so long searches do not leave the batch half empty.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from lit_latent.config import LatentConfig
 from lit_latent.engine import Engine
@@ -37,6 +38,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
     repeats = [0] * n  # iterations whose candidate was tried before (latent.free_repeats of them do not count)
     anchor = [0.0] * n  # latent.reanchor: the reward of the candidate the latents were last anchored to
     start = [0] * n  # the first latent optimized (latent.edit_from)
+    scored_end: list[Optional[int]] = [None] * n  # latent.loss_tokens=scored: the last candidate's kept prefix length
     samplers = [engine.generator(p["id"], "latent") for p in problems]
 
     def edit_start(tokens: list[int], text: str, details, count: int) -> int:
@@ -76,7 +78,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             steps[i] += 1
         if cfg.samples == 1:
             # 3-5. REINFORCE on the tokens the latents decode to (reward - 1: push away from them), then a new candidate
-            active = search.step({i: search.greedy_loss(i, current[i] - 1.0, start[i]) for i in active})
+            active = search.step({i: search.greedy_loss(i, current[i] - 1.0, start[i], scored_end[i]) for i in active})
             rows = [(i, tuple(cut(i, search.decode(i)))) for i in active]
             scored = search.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
             for k, (i, prefix) in enumerate(rows):
@@ -85,12 +87,15 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
                     continue  # the problem keeps its last good candidate
                 current[i] = r
                 repeats[i] += not scored.generated[k]
+                if cfg.loss_tokens == "scored":
+                    scored_end[i] = len(prefix)
                 add_candidate(records[i], problems[i], scored.texts[k], scored.tokens[k], r,
                               engine.describe_latents(search.latents[i]), int(scored.generated[k]))
                 if cfg.reanchor and scored.generated[k] and r >= anchor[i]:
                     # latent.reanchor: the next edit starts from this candidate, the loss covers its tokens
                     anchor[i] = r
                     search.reanchor(i, len(prefix), scored.after[k])
+                    scored_end[i] = None  # the anchored latents decode to the scored candidate
                     original[i] = search.decode(i)
                     start[i] = edit_start(original[i], scored.texts[k], scored.details[k], len(original[i]))
         else:
