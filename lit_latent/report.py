@@ -51,7 +51,7 @@ def by_iteration(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[f
     return mean_reward, accuracy
 
 
-def stopping_points(record: dict[str, Any], answer: str = "last") -> list[tuple[int, int, bool]]:
+def stopping_points(record: dict[str, Any], answer: str = "last") -> "Points":
     """``(tokens, tries, correct)`` had the run stopped after the initial answer, after its
     first candidate, its second, ...: what a smaller budget would have given.
 
@@ -81,18 +81,21 @@ def stopping_points(record: dict[str, Any], answer: str = "last") -> list[tuple[
     return points
 
 
-def under_budget(records: Sequence[dict[str, Any]], answer: str, budget: float, by: str) -> tuple[float, float]:
-    """(accuracy, mean tokens or tries spent per problem) when each problem may spend at most
-    ``budget`` (``by``: "tokens" or "tries"); a problem whose initial answer already costs more
-    has no answer (wrong) and spends nothing."""
+Points = list[tuple[int, int, bool]]
+
+
+def under_budget(points: Sequence[Points], budget: float, by: str) -> tuple[float, float]:
+    """(accuracy, mean tokens or tries spent per problem) when each problem (its
+    ``stopping_points``) may spend at most ``budget`` (``by``: "tokens" or "tries"); a problem
+    whose initial answer already costs more has no answer (wrong) and spends nothing."""
     axis = 0 if by == "tokens" else 1
     correct, spent = 0, 0
-    for r in records:
-        within = [p for p in stopping_points(r, answer) if p[axis] <= budget]
+    for problem in points:
+        within = [p for p in problem if p[axis] <= budget]
         if within:
             correct += within[-1][2]
             spent += within[-1][axis]
-    return correct / len(records), spent / len(records)
+    return correct / len(points), spent / len(points)
 
 
 # --- reading runs ------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     # the answer rule decides what a cut run would have answered (the schema's default: last)
     answer = (config.get("latent") or {}).get("answer", "last") if method in ("latentseek", "resample") else "last"
     return {
-        "answer": answer,
+        "points": [stopping_points(r, answer) for r in records],  # each problem's, for the equal-budget figures
         "dir": run_dir,
         "method": method,
         "data": Path(data_path).stem if data_path else "?",
@@ -179,9 +182,9 @@ def token_budgets(runs: Sequence[dict[str, Any]], count: int = 5) -> list[int]:
     """``count`` per-problem token budgets, spaced by ratio, from the median cost of a first
     answer (over every run's problems) to the largest 90th percentile of a run's full spend,
     rounded to two significant digits."""
-    first = sorted(stopping_points(r, run["answer"])[0][0] for run in runs for r in run["records"])
+    first = sorted(p[0][0] for run in runs for p in run["points"])
     lo = max(1, first[len(first) // 2])
-    spends = [sorted(stopping_points(r, run["answer"])[-1][0] for r in run["records"]) for run in runs]
+    spends = [sorted(p[-1][0] for p in run["points"]) for run in runs]
     hi = max(lo + 1, *(s[min(len(s) - 1, int(0.9 * len(s)))] for s in spends))
     raw = [lo * (hi / lo) ** (k / (count - 1)) for k in range(count)]
     return sorted({int(float(f"{b:.2g}")) for b in raw})
@@ -192,18 +195,18 @@ def budget_rows(labels: Sequence[str], runs: Sequence[dict[str, Any]], tokens: S
     header = ["run"] + [f"<= {b} tokens" for b in tokens] + [f"<= {n} tries" for n in tries]
     rows = []
     for label, run in zip(labels, runs):
-        cells = [f"{100 * under_budget(run['records'], run['answer'], b, 'tokens')[0]:.1f}" for b in tokens]
-        cells += [f"{100 * under_budget(run['records'], run['answer'], n, 'tries')[0]:.1f}" for n in tries]
+        cells = [f"{100 * under_budget(run['points'], b, 'tokens')[0]:.1f}" for b in tokens]
+        cells += [f"{100 * under_budget(run['points'], n, 'tries')[0]:.1f}" for n in tries]
         rows.append([label] + cells)
     return header, rows
 
 
-def budget_curve(run: dict[str, Any], by: str) -> tuple[list[float], list[float]]:
+def budget_curve(points: Sequence[Points], by: str) -> tuple[list[float], list[float]]:
     """(mean spent per problem, accuracy) at every budget where some problem's answer changes."""
     axis = 0 if by == "tokens" else 1
-    budgets = sorted({p[axis] for r in run["records"] for p in stopping_points(r, run["answer"])})
-    points = [under_budget(run["records"], run["answer"], b, by) for b in budgets]
-    return [spent for _, spent in points], [100 * acc for acc, _ in points]
+    budgets = sorted({p[axis] for problem in points for p in problem})
+    curve = [under_budget(points, b, by) for b in budgets]
+    return [spent for _, spent in curve], [100 * acc for acc, _ in curve]
 
 
 def plot_budgets(path: Path, labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> None:
@@ -215,9 +218,9 @@ def plot_budgets(path: Path, labels: Sequence[str], runs: Sequence[dict[str, Any
     fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(10.0, 4.0))
     for label, run in zip(labels, runs):
         for ax, by in ((ax_t, "tokens"), (ax_n, "tries")):
-            xs, ys = budget_curve(run, by)
+            xs, ys = budget_curve(run["points"], by)
             ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=4, drawstyle="steps-post", label=label)
-    first = sorted(stopping_points(r, run["answer"])[0][0] for run in runs for r in run["records"])
+    first = sorted(p[0][0] for run in runs for p in run["points"])
     ax_t.set_xlim(left=max(1.0, 0.3 * first[len(first) // 2]))  # below that hardly any first answer fits
     ax_t.set_xlabel("generated tokens per problem (answers and rewards), mean")
     ax_n.set_xlabel("answers generated and scored per problem, mean")

@@ -93,15 +93,15 @@ def test_under_budget_cuts_each_problem_where_its_next_candidate_would_pass_it()
     records = [costed([0.0, 1.0], [False, True], tokens=[40]),                  # right at 90 tokens, 2 tries
                costed([0.0, 0.0, 1.0], [False, False, True], tokens=[10, 10]),  # right at 70, 3 tries
                costed([1.0], [True], tokens=[], initial=120)]                     # right, but its first answer costs 120
-    assert under_budget(records, "last", 60, "tokens") == (0.0, (50 + 60 + 0) / 3)
-    assert under_budget(records, "last", 90, "tokens") == (2 / 3, (90 + 70 + 0) / 3)
-    assert under_budget(records, "last", 120, "tokens") == (1.0, (90 + 70 + 120) / 3)
-    assert under_budget(records, "last", 2, "tries") == (2 / 3, (2 + 2 + 1) / 3)
-    assert under_budget(records, "last", 3, "tries") == (1.0, (2 + 3 + 1) / 3)
-    run = {"records": records, "answer": "last"}
-    xs, ys = budget_curve(run, "tokens")
+    points = [stopping_points(r, "last") for r in records]
+    assert under_budget(points, 60, "tokens") == (0.0, (50 + 60 + 0) / 3)
+    assert under_budget(points, 90, "tokens") == (2 / 3, (90 + 70 + 0) / 3)
+    assert under_budget(points, 120, "tokens") == (1.0, (90 + 70 + 120) / 3)
+    assert under_budget(points, 2, "tries") == (2 / 3, (2 + 2 + 1) / 3)
+    assert under_budget(points, 3, "tries") == (1.0, (2 + 3 + 1) / 3)
+    xs, ys = budget_curve(points, "tokens")
     assert xs == sorted(xs) and ys[-1] == 100.0 and len(xs) == 5  # budgets 50, 60, 70, 90, 120
-    assert token_budgets([run], count=3) == [50, 77, 120]  # median first answer 50 -> 90th percentile of full spend 120
+    assert token_budgets([{"points": points}], count=3) == [50, 77, 120]  # median first answer 50 -> 90th percentile of full spend 120
 
 
 def make_run(path: Path, config: str, records: list) -> Path:
