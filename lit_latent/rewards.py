@@ -132,16 +132,26 @@ def check_prompts(scheme: str, problem: str, solution: str, criteria: Sequence[s
     return triples
 
 
+def solution_lines(solution: str, scheme: str = "steps") -> list[tuple[int, str]]:
+    """For the line-by-line schemes, each non-blank line of a solution as ``(character offset,
+    kind)``: ``checked`` (a calculation ``a op b = c`` the scheme asks about, in the order its
+    verdicts come; for ``recompute``: one whole-number calculation), ``answer`` (the closing
+    sentence) or ``unchecked``. No single-line question fits an unchecked line (a latent edit
+    often leaves ``31 ×  = 9``), so each counts as a failed calculation check instead of being
+    skipped."""
+    lines, offset = [], 0
+    for line in solution.splitlines(keepends=True):
+        text = line.strip()
+        if text:
+            checked = bool(calculation_lines(line)) and (scheme != "recompute" or recompute_question(text) is not None)
+            lines.append((offset, "checked" if checked else "answer" if is_answer_line(line) else "unchecked"))
+        offset += len(line)
+    return lines
+
+
 def unverifiable_lines(solution: str, scheme: str = "steps") -> int:
-    """For the line-by-line schemes: lines that are neither one calculation ``a op b = c`` nor the
-    closing answer sentence (for ``recompute``: one whole-number calculation). No single-line
-    question fits them (a latent edit often leaves ``31 ×  = 9``), so each counts as a failed
-    calculation check instead of being skipped."""
-    calc = set(calculation_lines(solution))
-    if scheme == "recompute":
-        calc = {ln for ln in calc if recompute_question(ln) is not None}
-    return sum(1 for ln in solution.splitlines()
-               if ln.strip() and ln.strip() not in calc and not is_answer_line(ln))
+    """The unchecked lines of ``solution_lines``: each is a failed calculation check."""
+    return sum(kind == "unchecked" for _, kind in solution_lines(solution, scheme))
 
 
 def combine_verdicts(verdicts: dict[str, list[Optional[bool]]], weights: dict[str, float]) -> float:
@@ -195,19 +205,13 @@ class SelfReward(Reward):
         only the final check failed, the answer line."""
         if self.scheme not in LINE_SCHEMES or not details or "calculation" not in self.weights:
             return None
-        asked = iter(details.get("calculation", []))  # the verifiable lines' verdicts come first, in order
-        offset, answer_at = 0, None
-        for line in completion.splitlines(keepends=True):
-            text = line.strip()
-            verifiable = bool(calculation_lines(line)) and (self.scheme != "recompute" or recompute_question(text) is not None)
-            if verifiable:
-                if next(asked, 0) != 1:
-                    return offset
-            elif text and is_answer_line(line):
-                answer_at = offset if answer_at is None else answer_at
-            elif text:
-                return offset  # no check fits the line: it counts as failed
-            offset += len(line)
+        asked = iter(details.get("calculation", []))  # the checked lines' verdicts come first, in order
+        answer_at = None
+        for offset, kind in solution_lines(completion, self.scheme):
+            if kind == "unchecked" or (kind == "checked" and next(asked, 0) != 1):
+                return offset
+            if kind == "answer" and answer_at is None:
+                answer_at = offset
         return answer_at if details.get("answer") and not all(v == 1 for v in details["answer"]) else None
 
 
