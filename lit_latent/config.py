@@ -312,7 +312,8 @@ class PerfConfig:
     autocast: bool = False
     """Run generation under bf16 autocast (for GPUs; latents and their loss stay float32)."""
     compile: bool = False
-    """torch.compile the transformer's forward (the decode step); pays off on long GPU runs."""
+    """torch.compile the transformer's forward (the decode step), for GPUs. On the 2-core CPU it is
+    slower than eager even after compiling (docs/performance.md)."""
 
     def __post_init__(self) -> None:
         _positive("perf.chunk", self.chunk)

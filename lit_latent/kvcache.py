@@ -61,6 +61,7 @@ class ReservedLayer(DynamicLayer):
         layer.update(keys, values)
         return layer
 
+    @torch.compiler.disable  # perf.compile: the buffer bookkeeping runs eagerly (dynamo cannot trace the in-place re-pointing)
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if self._k is None:
