@@ -14,6 +14,7 @@ slot, so long searches do not leave the batch half empty.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 from lit_latent.config import LatentConfig
@@ -32,13 +33,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
     state = engine.prompt_state(prompts)  # the prompts' cache serves every candidate
     records: list[dict] = [{} for _ in range(n)]
     search = LatentSearch(engine, reward, cfg.lr, records)
-    # the tokens a decoded prefix is compared with: the initial answer's (with reanchor, the anchor's)
-    original: list[list[int]] = [[] for _ in range(n)]
-    current, steps = [0.0] * n, [0] * n  # each problem's latest reward and iterations
-    repeats = [0] * n  # iterations whose candidate was tried before (latent.free_repeats of them do not count)
-    anchor = [0.0] * n  # latent.reanchor: the reward of the candidate the latents were last anchored to
-    start = [0] * n  # the first latent optimized (latent.edit_from)
-    scored_end: list[Optional[int]] = [None] * n  # latent.loss_tokens=scored: the last candidate's kept prefix length
+    seeking: dict[int, Seeking] = {}  # the problems that have started, by index
     samplers = [engine.generator(p["id"], "latent") for p in problems]
 
     def edit_start(tokens: list[int], text: str, details, count: int) -> int:
@@ -48,7 +43,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
 
     def cut(i: int, prefix: list[int]) -> list[int]:
         # latent.regenerate_after_first_change: the model rewrites what follows the first edit
-        return keep_through_first_change(prefix, original[i]) if cfg.regenerate_after_first_change else prefix
+        return keep_through_first_change(prefix, seeking[i].original) if cfg.regenerate_after_first_change else prefix
 
     pending, active = list(range(n)), []
     while pending or active:
@@ -61,60 +56,84 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
             for k, i in enumerate(new):
                 records[i] = engine.adaptive_record(problems[i], texts[k], first.new_tokens[k] + scores.tokens[k],
                                                     [scores.rewards[k]], reward, scores.details[k] if scores.details else None)
-                current[i] = anchor[i] = scores.rewards[k]
                 # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of the answer
                 count = latent_count(len(first.tokens[k]), cfg.rho, cfg.max_latents)
-                original[i] = first.tokens[k][:count]
+                p = seeking[i] = Seeking(original=first.tokens[k][:count], reward=scores.rewards[k], anchor=scores.rewards[k])
                 if first.finished[k]:  # else a continuation of its prefix gets max_new_tokens more
-                    search.remember(i, original[i], texts[k], scores.rewards[k])
-                if count and current[i] < threshold:
+                    search.remember(i, p.original, texts[k], scores.rewards[k])
+                if count and p.reward < threshold:
                     search.add(i, first.hidden[k][:count])
-                    start[i] = edit_start(first.tokens[k], texts[k], scores.details[k] if scores.details else None, count)
+                    p.start = edit_start(first.tokens[k], texts[k], scores.details[k] if scores.details else None, count)
                     active.append(i)
         if not active:
             continue
         stepped = list(active)
         for i in active:
-            steps[i] += 1
+            seeking[i].steps += 1
         if cfg.samples == 1:
             # 3-5. REINFORCE on the tokens the latents decode to (reward - 1: push away from them), then a new candidate
-            active = search.step({i: search.greedy_loss(i, current[i] - 1.0, start[i], scored_end[i]) for i in active})
+            active = search.step({i: search.greedy_loss(i, seeking[i].reward - 1.0, seeking[i].start, seeking[i].scored_end)
+                                  for i in active})
             rows = [(i, tuple(cut(i, search.decode(i)))) for i in active]
             scored = search.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
             for k, (i, prefix) in enumerate(rows):
-                r = scored.rewards[k]
+                r, p = scored.rewards[k], seeking[i]
                 if numerical_error(records[i], "reward", r):
                     continue  # the problem keeps its last good candidate
-                current[i] = r
-                repeats[i] += not scored.generated[k]
+                p.reward = r
+                p.repeats += not scored.generated[k]
                 if cfg.loss_tokens == "scored":
-                    scored_end[i] = len(prefix)
+                    p.scored_end = len(prefix)
                 add_candidate(records[i], problems[i], scored.texts[k], scored.tokens[k], r,
                               engine.describe_latents(search.latents[i]), int(scored.generated[k]))
-                if cfg.reanchor and scored.generated[k] and r >= anchor[i]:
+                if cfg.reanchor and scored.generated[k] and r >= p.anchor:
                     # latent.reanchor: the next edit starts from this candidate, the loss covers its tokens
-                    anchor[i] = r
+                    p.anchor = r
                     search.reanchor(i, len(prefix), scored.after[k])
-                    scored_end[i] = None  # the anchored latents decode to the scored candidate
-                    original[i] = search.decode(i)
-                    start[i] = edit_start(original[i], scored.texts[k], scored.details[k], len(original[i]))
+                    p.scored_end = None  # the anchored latents decode to the scored candidate
+                    p.original = search.decode(i)
+                    p.start = edit_start(p.original, scored.texts[k], scored.details[k], len(p.original))
         else:
             # M sampled prefixes per problem, Q compared with latent.baseline; the best sample is the candidate
             results, losses = search.sample_step(active, cfg.samples, cfg.sample_temperature, cfg.baseline, samplers, cut,
                                                  prompts, problems, state)
             for i, s in results.items():
                 best = s.best()
-                current[i] = s.rewards[best]
-                repeats[i] += s.generations == 0
+                seeking[i].reward = s.rewards[best]
+                seeking[i].repeats += s.generations == 0
                 add_candidate(records[i], problems[i], s.texts[best], s.tokens, s.rewards[best], generations=s.generations)
             active = search.step(losses)
             for i in active:  # what the updated latents now decode to
                 records[i]["candidates"][-1].update(engine.describe_latents(search.latents[i]))
         # 6. a problem stops once its reward passes the threshold, or after K iterations (its slot is
         # refilled); up to latent.free_repeats iterations that only repeated a tried candidate do not count
-        active = [i for i in active if current[i] < threshold and steps[i] - min(repeats[i], cfg.free_repeats) < cfg.max_iterations]
+        active = [i for i in active if seeking[i].reward < threshold and seeking[i].counted(cfg.free_repeats) < cfg.max_iterations]
         search.retire([i for i in stepped if i not in active])
     if cfg.answer == "best":
         for rec in records:
             choose_best(rec)
     return records
+
+
+@dataclass
+class Seeking:
+    """One problem's search so far."""
+
+    original: list[int]
+    """The tokens a decoded prefix is compared with: the initial answer's (with reanchor, the anchor's)."""
+    reward: float
+    """The latest candidate's reward (at first, the initial answer's)."""
+    anchor: float
+    """latent.reanchor: the reward of the candidate the latents were last anchored to."""
+    steps: int = 0
+    """Iterations run."""
+    repeats: int = 0
+    """Iterations whose candidate was tried before."""
+    start: int = 0
+    """The first latent optimized (latent.edit_from)."""
+    scored_end: Optional[int] = None
+    """latent.loss_tokens=scored: the last candidate's kept prefix length (None: all the latents)."""
+
+    def counted(self, free_repeats: int) -> int:
+        """Iterations that count toward K: up to ``free_repeats`` repeats do not."""
+        return self.steps - min(self.repeats, free_repeats)
