@@ -15,6 +15,8 @@ bundled problems:
   latents, no regeneration, the last candidate answers) with the tuned rho and lr.
 * ``latentseek``: ``configs/latentseek.yaml`` (regenerate after the first changed token).
 * ``latentseek_anchored``: ``configs/latentseek_anchored.yaml``.
+* ``latentseek_samples8``: ``configs/latentseek.yaml`` with 8 sampled prefixes per step, the
+  samples per step of ``configs/latentevolve_tuned.yaml`` (issue 25 compares the stream with it).
 * ``latentevolve`` and ``latentevolve_memory_off``: ``configs/latentevolve_tuned.yaml`` as one
   stream from problem 1 to the split's end (the memory needs a past; nights every 200), with the
   memory (``evolve.archive_threshold=2``: nothing is archived, so no neighbours and no nights);
@@ -50,6 +52,7 @@ RUNS = {
     "latentseek_paper_form": SEEK + ["latent.regenerate_after_first_change=false", "latent.answer=last"],
     "latentseek": SEEK,
     "latentseek_anchored": ["--config", "configs/latentseek_anchored.yaml"],
+    "latentseek_samples8": SEEK + ["latent.samples=8"],
     "latentevolve": EVOLVE,
     "latentevolve_memory_off": EVOLVE + ["evolve.archive_threshold=2"],
 }
