@@ -9,6 +9,11 @@ Runs ``adapt.py``'s command in this process (1 torch thread unless --threads) un
 prints the cumulative seconds of the functions that matter as a share of predict_step's time,
 and the top functions by own time. cProfile's per-call overhead inflates Python-heavy parts
 (about 1.3-1.5x here); the shares, not the seconds, are the result.
+
+``--kernels`` runs the same command under torch.profiler instead and prints the time spent inside
+the matrix-multiply and attention kernels themselves (their own CPU time). Any implementation that
+keeps today's records must run these same kernels on the same shapes, so their sum is a floor on
+our time: upstream's seconds divided by it bound the ratio ``vs_upstream.py`` can reach.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--kernels", action="store_true", help="time the matmul and attention kernels (torch.profiler)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     import torch
@@ -70,6 +76,9 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="profile_"))
     argv = BASE + args.overrides + [f"run_dir={run_dir}"]
     adapt.main(BASE + ["data.limit=2", f"run_dir={run_dir}/warm"])  # imports, lazy inits
+    if args.kernels:
+        kernel_floor(adapt, argv, run_dir)
+        return
     prof = cProfile.Profile()
     prof.enable()
     adapt.main(argv)
@@ -94,6 +103,39 @@ def main() -> None:
         print(f"| {label} | {calls} | {cum:.3f} | {100 * cum / total:.1f}% |")
     print(f"\ntop {args.top} by own time")
     stats.sort_stats("tottime").print_stats(args.top)
+
+
+KERNELS = {
+    "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+}
+
+
+def kernel_floor(adapt, argv: list[str], run_dir: Path) -> None:
+    import json
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        adapt.main(argv)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    record_seconds = sum(r["seconds"] for r in records)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    own = {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
+    print(f"\nkernel time ({' '.join(argv)}), under torch.profiler")
+    print("| kernels | calls | own seconds |")
+    print("|---|---|---|")
+    floor = 0.0
+    for label, names in KERNELS.items():
+        calls = sum(own[n][0] for n in names if n in own)
+        seconds = sum(own[n][1] for n in names if n in own)
+        floor += seconds
+        print(f"| {label} | {calls} | {seconds:.3f} |")
+    print(f"records' seconds under the profiler: {record_seconds:.3f} (wall {wall:.3f})")
+    print(f"kernel_floor_s: {floor:.3f}")
 
 
 if __name__ == "__main__":
