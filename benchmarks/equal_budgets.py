@@ -19,8 +19,10 @@ bundled problems:
   samples per step of ``configs/latentevolve_tuned.yaml`` (issue 25 compares the stream with it).
 * ``latentevolve`` and ``latentevolve_memory_off``: ``configs/latentevolve_tuned.yaml`` as one
   stream from problem 1 to the split's end (the memory needs a past; nights every 200), with the
-  memory (``evolve.archive_threshold=2``: nothing is archived, so no neighbours and no nights);
-  only the split's problems are reported.
+  memory and without it (``evolve.archive_threshold=2``: nothing is archived, so no neighbours
+  and no nights); only the split's problems are reported.
+* ``latentevolve_own_edit``: the same stream with ``evolve.archive=own_edit`` (each problem's
+  own refinement is archived, not the offsets its start inherited).
 
 Runs go to ``--out`` (default ``runs/equal_budgets``), one folder each; a folder that exists
 resumes (adapt.py writes each problem as it finishes). Then ``python -m lit_latent.report``
@@ -55,8 +57,9 @@ RUNS = {
     "latentseek_samples8": SEEK + ["latent.samples=8"],
     "latentevolve": EVOLVE,
     "latentevolve_memory_off": EVOLVE + ["evolve.archive_threshold=2"],
+    "latentevolve_own_edit": EVOLVE + ["evolve.archive=own_edit"],
 }
-STREAMS = ("latentevolve", "latentevolve_memory_off")  # run from problem 1: the memory needs the past
+STREAMS = ("latentevolve", "latentevolve_memory_off", "latentevolve_own_edit")  # run from problem 1: the memory needs the past
 
 
 def run(name: str, split: str, out: Path) -> Path:

@@ -243,6 +243,10 @@ class EvolveConfig(SearchConfig):
     """Stop once the mean reward has not improved for this many steps (paper: 3)."""
     archive_threshold: float = 0.5
     """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
+    archive: str = "z_star"
+    """What is archived as z*: z_star (the paper: the latents found, which include the start's
+    transferred offset) or own_edit (z_base plus only this problem's own refinement, z* - z_0, so
+    that transferred offsets do not compound along a stream)."""
     night_every: int = 200
     """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
 
@@ -251,6 +255,7 @@ class EvolveConfig(SearchConfig):
         for name in ("latent_count", "top_k", "max_steps", "patience"):
             _positive(f"evolve.{name}", getattr(self, name))
         _positive("evolve.night_every", self.night_every, allow_zero=True)
+        _one_of("evolve.archive", self.archive, ("z_star", "own_edit"))
 
 
 @dataclass

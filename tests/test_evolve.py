@@ -11,7 +11,7 @@ import adapt
 import train
 from custom_rewards import IdReward
 from lit_latent.rewards import Reward, Scores, VerifierReward
-from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig
+from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig, UserError
 from lit_latent.data import ProblemDataModule
 from lit_latent.engine import Engine
 from lit_latent.module import LatentAdaptationModule
@@ -342,3 +342,39 @@ def test_starting_latents_are_the_weavers_map_plus_the_momentum_of_known_neighbo
         assert sorted(records[i]["neighbours"]) == ["m0", "m1", "m2"]
     # the weaver and the transfer really moved the start away from z_base
     assert all(float((starts[i] - first.hidden[i][:3]).abs().max()) > 0.2 for i in starts)
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_archive_own_edit_leaves_out_what_the_start_inherited(tiny_model, char_tokenizer, tmp_path, monkeypatch):
+    # the paper archives z* itself, so a start's weaver offset and transferred momentum go into
+    # the memory again and compound along a stream; own_edit archives z_base + (z* - z_0)
+    from lit_latent import search as search_lib
+    from lit_latent.methods.latentevolve import latent_evolve
+
+    g = torch.Generator().manual_seed(2)
+    memory = EpisodicMemory(tmp_path / "mem", "tiny", 32)
+    mem_zb = torch.randn(3, 3, 32, generator=g)
+    memory.add(torch.randn(3, 32, generator=g), mem_zb, mem_zb + torch.randn(3, 3, 32, generator=g), [1.0] * 3, ["m0", "m1", "m2"])
+    problems = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i), "choices": None} for i in range(2)]
+    starts = {}
+    real_add = search_lib.LatentSearch.add
+    monkeypatch.setattr(search_lib.LatentSearch, "add", lambda self, i, start: starts.update({i: start.clone()}) or real_add(self, i, start))
+
+    def archived(archive):
+        cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+        # baseline one: every sample of the random model earns 0 and is pushed away from, so z* moves
+        cfg.evolve = EvolveConfig(latent_count=3, samples=2, max_steps=2, top_k=3, night_every=0, baseline="one", archive=archive)
+        with torch.enable_grad():
+            records = latent_evolve(Engine(tiny_model, char_tokenizer, cfg), problems, VerifierReward(), cfg.evolve,
+                                    memory, Shift(torch.full((3, 32), 0.25)))
+        return [r["_archive"] for r in records]
+
+    paper, own = archived("z_star"), archived("own_edit")
+    for i, (p, o) in enumerate(zip(paper, own)):
+        torch.testing.assert_close(o["z_base"], p["z_base"])
+        inherited = starts[i] - p["z_base"]  # the weaver's 0.25 and the neighbours' momentum
+        assert float(inherited.abs().max()) > 0.2
+        torch.testing.assert_close(o["z_star"], p["z_star"] - inherited)
+        assert float((o["z_star"] - o["z_base"]).abs().max()) > 1e-3  # the problem's own edit is kept
+    with pytest.raises(UserError, match="evolve.archive"):
+        EvolveConfig(archive="everything")

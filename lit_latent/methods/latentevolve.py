@@ -52,7 +52,8 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
 
     # 2-4. weaver, retrieval, momentum transfer
     search = LatentSearch(engine, reward, cfg.lr, records)
-    for i, z0 in zip(usable, starting_latents(e, z_base, usable, records, cfg, memory, weaver)):
+    starts = dict(zip(usable, starting_latents(e, z_base, usable, records, cfg, memory, weaver)))
+    for i, z0 in starts.items():
         # evolve.rho: the answer's later latents are refined too, from the CoT's own
         refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
         search.add(i, torch.cat([z0, first.hidden[i][cfg.latent_count : refined].float()]))
@@ -98,8 +99,11 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         records[i]["tokens"] += new_tokens[k]
         records[i].update(engine.describe_latents(z_star))
         # 7. what the memory callback archives (when final_mean_reward >= tau): the memory's L' latents
+        remembered = z_star[: cfg.latent_count].detach()
+        if cfg.archive == "own_edit":  # without what the start inherited (weaver, transfer)
+            remembered = z_base[i] + (remembered - starts[i])
         records[i]["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(),
-                                  "z_star": z_star[: cfg.latent_count].detach().cpu(), "score": score}
+                                  "z_star": remembered.cpu(), "score": score}
     return records
 
 
