@@ -126,6 +126,7 @@ class GenerationConfig:
 
 
 ANSWERS = ("last", "best", "sample")
+ARCHIVES = ("z_star", "own_edit")
 
 
 @dataclass
@@ -255,7 +256,7 @@ class EvolveConfig(SearchConfig):
         for name in ("latent_count", "top_k", "max_steps", "patience"):
             _positive(f"evolve.{name}", getattr(self, name))
         _positive("evolve.night_every", self.night_every, allow_zero=True)
-        _one_of("evolve.archive", self.archive, ("z_star", "own_edit"))
+        _one_of("evolve.archive", self.archive, ARCHIVES)
 
 
 @dataclass
