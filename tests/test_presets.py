@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import adapt
-from lit_latent.cli import load_config
+from lit_latent.cli import load_config, to_yaml
 from lit_latent.config import AdaptConfig
 from lit_latent.results import read_records
 from lit_latent.runs import run_entry_point
@@ -103,3 +103,13 @@ def test_the_resample_control_and_anchored_latentseek_use_latentseeks_reward_sto
         assert getattr(other.latent, key) == getattr(seek.latent, key), key
     assert other.generation.max_new_tokens == seek.generation.max_new_tokens
     assert other.data.batch_size == seek.data.batch_size
+
+
+def test_the_own_edit_config_is_the_tuned_latentevolve_with_only_the_archive_changed():
+    # latentevolve_own_edit.yaml restates latentevolve_tuned.yaml so that it reads on its own;
+    # a change to one that misses the other would make the memory comparison unfair
+    tuned = load_config(AdaptConfig, [str(ROOT / "configs" / "latentevolve_tuned.yaml")], ["evolve.archive=own_edit"])
+    own = load_config(AdaptConfig, [str(ROOT / "configs" / "latentevolve_own_edit.yaml")], [])
+    assert own.evolve.archive == "own_edit"
+    assert (to_yaml(own).replace("config_name: latentevolve_own_edit", "config_name: latentevolve_tuned")
+            == to_yaml(tuned))
