@@ -112,17 +112,17 @@ KERNELS = {
 
 
 def kernel_floor(adapt, argv: list[str], run_dir: Path) -> None:
-    import json
     import time
 
     from torch.profiler import ProfilerActivity, profile
+
+    from lit_latent.results import read_records
 
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         adapt.main(argv)
     wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    record_seconds = sum(r["seconds"] for r in records)
+    record_seconds = sum(r["seconds"] for r in read_records(run_dir / "predictions.jsonl"))
     shutil.rmtree(run_dir, ignore_errors=True)
     own = {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
     print(f"\nkernel time ({' '.join(argv)}), under torch.profiler")
