@@ -144,7 +144,7 @@ class SearchConfig:
     baseline: str = "mean"
     """With samples > 1, what each sample's reward Q is compared with: mean (of the M samples; ours), none (the paper's plain Q) or one (Q - 1, LatentSeek's scale)."""
     stop_threshold: Optional[float] = 0.8
-    """Stop once reward >= this, on our [0, 1] scale (LatentSeek: -0.2 on [-1, 0], i.e. 0.8). LatentEvolve scores the greedy CoT first and keeps one that passes; null: refine every problem (its paper)."""
+    """Stop once reward >= this, on our [0, 1] scale (LatentSeek: -0.2 on [-1, 0], i.e. 0.8). LatentEvolve scores the greedy CoT first and keeps one that passes, and stops refining a problem at the first step one of its samples passes; null: refine every problem for its K steps (its paper)."""
     regenerate_after_first_change: bool = False
     """Keep a decoded or sampled prefix only up to its first token that differs from the greedy CoT, and regenerate the rest."""
     answer: str = "last"

@@ -238,6 +238,31 @@ def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_m
     assert all(r["iterations"] > 0 and "cot_reward" not in r for r in paper)
 
 
+
+class PaysFrom(Reward):
+    """0 for a problem's first ``unpaid`` texts scored, 1 from then on."""
+
+    def __init__(self, unpaid: int):
+        self.unpaid = unpaid
+        self.seen: dict[str, int] = {}
+
+    def score(self, engine, problems, completions):
+        for p in problems:
+            self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
+        return Scores([float(self.seen[p["id"]] > self.unpaid) for p in problems], [0] * len(problems))
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_stop_threshold_ends_the_refinement_at_the_first_step_a_sample_passes(tiny_model, char_tokenizer):
+    # the CoT and step 1's two samples fail, step 2's pass: the refinement stops there, not at
+    # max_steps 4 (patience 3 would not stop it either: the mean reward rises at step 2)
+    records = evolve_day(tiny_model, char_tokenizer, PaysFrom(unpaid=3), stop_threshold=0.8)
+    for r in records:
+        assert r["iterations"] == 2
+        assert [c["best_reward"] for c in r["candidates"]] == [0.0, 1.0]
+    # without a threshold (the paper) it refines on
+    assert all(r["iterations"] == 4 for r in evolve_day(tiny_model, char_tokenizer, PaysFrom(unpaid=2)))
+
 class TextReward(Reward):
     """A fixed pseudo-random reward in [0, 0.5) per text; the first text scored for a problem
     (with evolve.stop_threshold: its CoT) earns ``first`` instead."""

@@ -78,7 +78,10 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
             add_candidate(records[i], problems[i], s.texts[top], s.tokens, mean, generations=s.generations)
             records[i]["candidates"][-1]["best_reward"] = s.rewards[top]
             progress[i].update(mean, s.rewards[top], s.texts[top], search.latents[i])
-        active = [i for i in search.step(losses) if progress[i].stale < cfg.patience]
+        # evolve.stop_threshold: a problem stops once one of its samples passes, as LatentSeek does
+        passed = {i for i in results if cfg.stop_threshold is not None and progress[i].best_sample[0] >= cfg.stop_threshold}
+        active = [i for i in search.step({i: loss for i, loss in losses.items() if i not in passed})
+                  if progress[i].stale < cfg.patience]
 
     if not usable:
         return records
