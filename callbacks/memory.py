@@ -73,7 +73,9 @@ class NightCallback(Callback):
                             out, self.seed + night, self.hidden_size, self.model_id, self.backbone_path, progress_bar=False,
                             uses_labels=self.memory.uses_labels)
         pl_module.weaver = load_weaver(out, self.hidden_size, self.model_id, backbone_path=self.backbone_path).to(pl_module.device)
-        self.nights.append({"after_problems": self.seen, "entries": len(e), "val_mse": result.val_mse,
+        # an entry whose z* is its z_base holds no edit: a memory of only those transfers nothing
+        edited = int((z_star != z_base).flatten(1).any(1).sum())
+        self.nights.append({"after_problems": self.seen, "entries": len(e), "edited": edited, "val_mse": result.val_mse,
                             "identity_val_mse": result.identity_val_mse, "checkpoint": str(out)})
-        print(f"night {night} after {self.seen} problems: weaver on {len(e)} memories, "
+        print(f"night {night} after {self.seen} problems: weaver on {len(e)} memories ({edited} with z* != z_base), "
               f"val MSE {result.val_mse:.4f} (identity {result.identity_val_mse:.4f}) -> {out}")

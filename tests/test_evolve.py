@@ -48,9 +48,11 @@ def evolve_args(model_dir, data, run_dir, *extra):
             "reward.class_path=custom_rewards.IdReward", "reward.kwargs.good=[e1,e3,e4,e8]", "weaver.max_epochs=2", *extra]
 
 
-def test_day_night_archive_threshold_and_weaver_round_trip(tiny_model_dir, ten_problems, tmp_path):
+def test_day_night_archive_threshold_and_weaver_round_trip(tiny_model_dir, ten_problems, tmp_path, capsys):
     run_dir = tmp_path / "day"
-    adapt.main(evolve_args(tiny_model_dir, ten_problems, run_dir, "evolve.night_every=4"))
+    # baseline none: the good problems' equal rewards still move their latents, so z* has edits
+    adapt.main(evolve_args(tiny_model_dir, ten_problems, run_dir, "evolve.night_every=4", "evolve.baseline=none"))
+    nights = [line[line.index("night "):] for line in capsys.readouterr().out.splitlines() if "night " in line]
     records = read_records(run_dir / "predictions.jsonl")
     assert len(records) == 10
     # archived exactly when the final mean reward reaches tau = 0.5
@@ -61,6 +63,10 @@ def test_day_night_archive_threshold_and_weaver_round_trip(tiny_model_dir, ten_p
     assert z_base.shape == z_star.shape == (4, 3, 32) and e.shape == (4, 32)
     # nights after 4 and 8 problems (the first has 2 memories, the second 3): two weavers written
     assert sorted(p.name for p in (run_dir / "weaver").iterdir()) == ["night-001", "night-002"]
+    # each night says how many of its memories hold an edit (z* != z_base)
+    edited = (z_star != z_base).flatten(1).any(1).tolist()
+    assert [n.split(" problems: ")[1].split(",")[0] for n in nights] == [
+        f"weaver on 2 memories ({sum(edited[:2])} with z* != z_base)", f"weaver on 3 memories ({sum(edited[:3])} with z* != z_base)"]
     # the memory grows at each batch's end (batches of 4): problems 5-8 retrieve the first batch's
     # archive, 9-10 the first two batches' (top_k 5 > entries, so all of them); never themselves
     assert all(sorted(r["neighbours"]) == ["e1", "e3"] for r in records[4:8])
