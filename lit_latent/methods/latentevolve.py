@@ -6,9 +6,10 @@ For a batch of problems: the greedy CoT gives ``e`` (the prompt's last post-norm
 better start, and momentum transfer from the top-k remembered neighbours adds their edits
 ``z*_j - z_base_j`` weighted by softmax(cos(e, e_j)); then up to K refinement steps of policy
 gradient with M sampled outputs, stopping after ``patience`` steps without a better mean
-reward; the answer comes from z*. Each record carries ``_archive`` (e, z_base, z*, mean
-reward), which ``callbacks.memory`` archives when the mean reward reaches tau; nights (weaver
-training on the memory) are that callback's too.
+reward (with ``evolve.stop_threshold``, also at the first step a sample passes); the answer
+comes from z*. Each record carries ``_archive`` (e, z_base, z*, mean reward), which
+``callbacks.memory`` archives when the mean reward reaches tau; nights (weaver training on
+the memory) are that callback's too.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         return keep_through_first_change(prefix, original[i]) if cfg.regenerate_after_first_change else prefix
 
     # 5. refine: M sampled outputs per step, stop after `patience` steps without a better mean reward
+    # or (evolve.stop_threshold) once a sample passes
     progress = {i: Progress(search.latents[i].detach().clone(), (records[i].get("cot_reward", float("-inf")), None)) for i in usable}
     active = list(usable)
     for step in range(cfg.max_steps):
