@@ -120,18 +120,22 @@ def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_mod
     assert weaver(e[:2], z_base[:2]).shape == (2, 3, 32)
 
 
-class FirstStepPays(Reward):
-    """Every sample of a problem's first refinement step earns 1, later ones 0."""
+class PaysByCount(Reward):
+    """1 for the n-th text scored for a problem where ``pays(n)`` (n from 1), else 0."""
 
-    def __init__(self):
+    def __init__(self, pays):
+        self.pays = pays
         self.seen: dict[str, int] = {}
 
     def score(self, engine, problems, completions):
-        rewards = []
         for p in problems:
             self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
-            rewards.append(1.0 if self.seen[p["id"]] <= 2 else 0.0)  # 2 samples per step
-        return Scores(rewards, [0] * len(problems))
+        return Scores([float(self.pays(self.seen[p["id"]])) for p in problems], [0] * len(problems))
+
+
+def first_step_pays() -> PaysByCount:
+    """Every sample of a problem's first refinement step earns 1, later ones 0 (2 samples per step)."""
+    return PaysByCount(lambda n: n <= 2)
 
 
 def evolve_day(model, tokenizer, reward, reference_mode=False, **evolve):
@@ -159,14 +163,14 @@ def test_answer_best_answers_and_archives_the_best_scoring_latents(tiny_model, c
     # only the first step's samples pay: "best" keeps the starting latents (z_base: no memory,
     # no weaver), so the answer is the greedy CoT again; "last" answers from the moved latents
     # (no baseline: with one, equal rewards of a step would leave the latents where they are)
-    best = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="best", baseline="none")
+    best = evolve_day(tiny_model, char_tokenizer, first_step_pays(), answer="best", baseline="none")
     for r in best:
         assert r["rewards"] == [1.0, 0.0, 0.0, 0.0]  # stopped after 3 steps without gain
         assert r["final_mean_reward"] == 1.0 and r["_archive"]["score"] == 1.0
         torch.testing.assert_close(r["_archive"]["z_star"], r["_archive"]["z_base"])
         # the greedy CoT again (cut at max_new_tokens; from the latents it gets that many more)
         assert r["output"].startswith(r["initial_output"])
-    final = evolve_day(tiny_model, char_tokenizer, FirstStepPays(), answer="last", baseline="none")
+    final = evolve_day(tiny_model, char_tokenizer, first_step_pays(), answer="last", baseline="none")
     for r in final:
         assert r["final_mean_reward"] == 0.0 and r["_archive"]["score"] == 0.0
         assert not torch.equal(r["_archive"]["z_star"], r["_archive"]["z_base"])
@@ -186,7 +190,7 @@ def test_regenerate_after_first_change_cuts_sampled_prefixes_after_their_first_c
         return out
 
     monkeypatch.setattr(Engine, "generate", spy)
-    evolve_day(tiny_model, char_tokenizer, FirstStepPays(), regenerate_after_first_change=regenerate, sample_temperature=50.0)
+    evolve_day(tiny_model, char_tokenizer, first_step_pays(), regenerate_after_first_change=regenerate, sample_temperature=50.0)
     cot = [t[:3] for t in calls[0][1]]  # the greedy CoT's first L' = 3 tokens, per problem
     sampled = [p for prefixes, _ in calls[1:-1] for p in prefixes]  # the last call answers from z*
     assert len(sampled) >= 3 * 2 * 4  # 3 problems x M = 2 x 4 steps
@@ -244,30 +248,17 @@ def test_stop_threshold_keeps_a_cot_the_reward_passes_without_refining_it(tiny_m
     assert all(r["iterations"] > 0 and "cot_reward" not in r for r in paper)
 
 
-
-class PaysFrom(Reward):
-    """0 for a problem's first ``unpaid`` texts scored, 1 from then on."""
-
-    def __init__(self, unpaid: int):
-        self.unpaid = unpaid
-        self.seen: dict[str, int] = {}
-
-    def score(self, engine, problems, completions):
-        for p in problems:
-            self.seen[p["id"]] = self.seen.get(p["id"], 0) + 1
-        return Scores([float(self.seen[p["id"]] > self.unpaid) for p in problems], [0] * len(problems))
-
-
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
 def test_stop_threshold_ends_the_refinement_at_the_first_step_a_sample_passes(tiny_model, char_tokenizer):
     # the CoT and step 1's two samples fail, step 2's pass: the refinement stops there, not at
     # max_steps 4 (patience 3 would not stop it either: the mean reward rises at step 2)
-    records = evolve_day(tiny_model, char_tokenizer, PaysFrom(unpaid=3), stop_threshold=0.8)
+    records = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n > 3), stop_threshold=0.8)
     for r in records:
         assert r["iterations"] == 2
         assert [c["best_reward"] for c in r["candidates"]] == [0.0, 1.0]
     # without a threshold (the paper) it refines on
-    assert all(r["iterations"] == 4 for r in evolve_day(tiny_model, char_tokenizer, PaysFrom(unpaid=2)))
+    assert all(r["iterations"] == 4 for r in evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n > 2)))
+
 
 class TextReward(Reward):
     """A fixed pseudo-random reward in [0, 0.5) per text; the first text scored for a problem
