@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lit_latent.generation import Generation, _pick, generate
+from lit_latent import generation
+from lit_latent.generation import Generation, generate
 from lit_latent.heads import LogitHead
 from lit_latent.kvcache import CACHE, _left_pad, _positions
 
@@ -45,7 +46,7 @@ def generate_rerunning(
               temperature=temperature, top_p=top_p, generators=generators, return_hidden=return_hidden)
     if not steps_with_own_cache(model):
         return generate(model, prompts, use_cache=False, **kw)
-    return _decode_with_own_cache(model, prompts, **kw)
+    return _decode_with_own_cache(model, prompts, pick=generation._pick, **kw)
 
 
 def _forward(model, ids: Tensor, mask: Tensor, cache, first: bool) -> Tensor:
@@ -58,7 +59,7 @@ def _forward(model, ids: Tensor, mask: Tensor, cache, first: bool) -> Tensor:
     return model.base_model(**inputs).last_hidden_state
 
 
-def _decode_with_own_cache(model, prompts, *, max_new_tokens, eos_ids, pad_id, prefixes, temperature, top_p,
+def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad_id, prefixes, temperature, top_p,
                            generators, return_hidden) -> Generation:
     from transformers import DynamicCache
 
@@ -91,7 +92,7 @@ def _decode_with_own_cache(model, prompts, *, max_new_tokens, eos_ids, pad_id, p
     steps = 0
     for step in range(max_new_tokens):
         steps = step + 1
-        nxt = _pick(head(last).float(), temperature, top_p, generators)
+        nxt = pick(head(last).float(), temperature, top_p, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if return_hidden:
             for i in (~done).nonzero().squeeze(1).tolist():
@@ -138,8 +139,9 @@ def _probe_own_cache(model) -> bool:
     prompts = [[t % vocab for t in row] for row in ([3, 4, 5, 6, 7], [8, 9])]
     prefixes = [[], [10 % vocab, 11 % vocab]]
     try:
-        out = _decode_with_own_cache(model, prompts, max_new_tokens=4, eos_ids=[-1], pad_id=0, prefixes=prefixes,
-                                     temperature=0.0, top_p=1.0, generators=None, return_hidden=True)
+        out = _decode_with_own_cache(model, prompts, pick=lambda logits, *_: logits.argmax(-1), max_new_tokens=4,
+                                     eos_ids=[-1], pad_id=0, prefixes=prefixes, temperature=0.0, top_p=1.0,
+                                     generators=None, return_hidden=True)
     except Exception:  # a model whose forward does not take transformers' cache object
         return False
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2

@@ -98,7 +98,8 @@ class LoraWeaver(nn.Module):
         backbone = _load_backbone(backbone_path)
         # what inputs_embeds and last_hidden_state hold: OPT projects them in and out of its hidden size
         width = backbone.get_input_embeddings().weight.shape[-1]
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_targets(backbone))
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0)
+        lora.target_modules = lora_targets(backbone, lora)
         try:
             self.backbone = get_peft_model(backbone, lora)  # freezes every backbone weight, adds trainable adapters
         except ValueError as err:  # no target peft knows for this architecture
@@ -125,10 +126,10 @@ class LoraWeaver(nn.Module):
         _zero(self.out)
 
 
-def lora_targets(backbone: nn.Module) -> Optional[list[str]]:
+def lora_targets(backbone: nn.Module, lora) -> Optional[list[str]]:
     """The backbone's attention projections; where it has none (Mamba's blocks mix tokens with a
-    convolution and a state-space scan), every linear layer inside its blocks; None (peft's
-    default for the architecture, e.g. GPT-2's ``Conv1D``) where it has neither."""
+    convolution and a state-space scan), every linear layer inside its blocks that peft accepts
+    for it; None (peft's default for the architecture, e.g. GPT-2's ``Conv1D``) where it has neither."""
     linear = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
     names = {name.rsplit(".", 1)[-1] for name in linear}
     attention = [p for p in ATTENTION_PROJECTIONS if p in names]
@@ -136,7 +137,21 @@ def lora_targets(backbone: nn.Module) -> Optional[list[str]]:
         return attention
     # inside a block: a numbered layer in the path (layers.0.mixer.in_proj), not a top-level projection
     in_blocks = sorted({name.rsplit(".", 1)[-1] for name in linear if any(part.isdigit() for part in name.split(".")[:-1])})
-    return in_blocks or None
+    return [name for name in in_blocks if _peft_accepts(backbone, lora, name)] or None
+
+
+def _peft_accepts(backbone: nn.Module, lora, name: str) -> bool:
+    # peft refuses some targets per architecture (Mamba's out_proj, whose weight its fused kernels
+    # read directly, so an adapter there would be skipped): asked one name at a time
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without the check: it refuses nothing
+        return True
+    try:
+        check(lora, backbone, name)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_backbone(path: str) -> nn.Module:
