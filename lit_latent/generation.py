@@ -37,7 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_model(cfg: ModelConfig):
     """Load a local HF causal LM and its tokenizer, frozen, in eval mode. A model lit_latent cannot
     serve (a hub id given offline, an encoder-decoder, no causal LM head, logits it cannot
-    reproduce from a latent) is refused in one line naming ``model.path``."""
+    reproduce from a latent, its own code (``auto_map``) without ``model.trust_remote_code``, a
+    forward that does not run) is refused in one line naming ``model.path``. Which cache decoding
+    uses is probed here too (``rerun.decoding_path``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -172,14 +172,13 @@ _HOLDS = "_lit_latent_holds_kv_cache"  # the probe's answer, kept in the model's
 
 
 def holds_kv_cache(model) -> bool:
-    """Whether the prompt cache of the fast path can hold ``model``'s cache: prompts encoded once,
-    rows selected and repeated, a block appended, a state reused by a later generation after an
-    earlier one wrote past it. True for caches of
-    keys and values. Probed once per model (then cached on it): a state is used as ``generate``
-    uses it, then again through ``select``, each time a block and a decoding step are appended;
-    the hidden states must be those of each row run alone without a cache. Recurrent and
-    convolution states raise (no ``batch_select_indices``) or disagree (updated in place, a shared
-    state is overwritten by its first use)."""
+    """Whether the fast path can hold ``model``'s cache: prompts encoded once, rows selected and
+    repeated, a block appended, a state reused by a later generation after an earlier one wrote
+    past it. True for caches of keys and values. Probed once per model (then cached on it): a
+    state is used as ``generate`` uses it, then again through ``select``, each time a block and a
+    decoding step are appended; the hidden states must be those of each row run alone without a
+    cache. Recurrent and convolution states raise (no ``batch_select_indices``) or disagree
+    (updated in place, a shared state is overwritten by its first use)."""
     found = model.__dict__.get(_HOLDS)
     if found is None:
         found = _probe_kv_cache(model)
