@@ -4,10 +4,10 @@ prompt cache; (b) the log-probs the framework samples from and the latent policy
 ``log_softmax(model(...).logits / T)``; (c) CoT, LatentSeek and LatentEvolve run through
 ``adapt.main``. The families behind ``slow`` run (c) only with ``-m slow``.
 
-Recurrent and hybrid families (Mamba, Mamba-2, Jamba, LFM2, Falcon-H1, RecurrentGemma) keep
-states the KV fast path cannot hold; they are decoded with transformers' own cache, their
+Recurrent and hybrid families (Mamba, Mamba-2, Jamba, LFM2, Falcon-H1, RecurrentGemma, Granite 4's
+GraniteMoeHybrid, Qwen3-Next, Bamba) keep states the KV fast path cannot hold; they are decoded with transformers' own cache, their
 prompts re-run (``rerun.py``). Mamba and LFM2 run (a)-(c) in the default run, the others
-only with ``-m slow`` (their reference kernels are slow on CPU).
+only with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -84,11 +84,24 @@ def _configs(vocab: int) -> dict:
                                                            lru_width=32, attention_window_size=16, conv1d_width=4,
                                                            logits_soft_cap=1.0, block_types=["recurrent", "attention"],
                                                            **ids),
+        # the hybrid releases built on the same layers: Granite 4 (Mamba-2 + attention, MoE), Qwen3-Next (gated
+        # DeltaNet + attention, MoE), Bamba (Mamba-2 + attention)
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(**SMALL, layer_types=["mamba", "attention"], mamba_n_heads=4,
+                                                              mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4,
+                                                              mamba_expand=2, mamba_chunk_size=16, num_local_experts=2,
+                                                              num_experts_per_tok=1, shared_intermediate_size=32, **ids),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(**SMALL, head_dim=8, layer_types=["linear_attention", "full_attention"],
+                                                 linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                                 linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=16,
+                                                 shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                                                 **ids),
+        "bamba": lambda: tf.BambaConfig(**SMALL, attn_layer_indices=[1], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+                                        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, **ids),
     }
 
 
 FAMILIES = list(_configs(100))
-RECURRENT = ["mamba", "mamba2", "jamba", "lfm2", "falcon_h1", "recurrent_gemma"]
+RECURRENT = ["mamba", "mamba2", "jamba", "lfm2", "falcon_h1", "recurrent_gemma", "granitemoehybrid", "qwen3_next", "bamba"]
 # (c) in the default run for these; the others behind the slow marker
 DEFAULT_RUNS = {"llama", "bloom", "gemma2", "cohere", "granite", "opt_project_out", "mamba", "lfm2"}
 # (a) and (b) in the default run for every attention family and these recurrent ones
