@@ -78,6 +78,8 @@ class ModelConfig:
     """Local Hugging Face causal LM directory (default: the embedded tiny model)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Run the modelling code a model directory ships (auto_map in its config.json): only for code you trust."""
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)

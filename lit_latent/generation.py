@@ -27,6 +27,7 @@ from lit_latent.kvcache import (
     accepts_4d_mask,
     extend_prompts,
     full_attention,
+    holds_kv_cache,
     new_cache,
     step_mask,
 )
@@ -36,7 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_model(cfg: ModelConfig):
     """Load a local HF causal LM and its tokenizer, frozen, in eval mode. A model lit_latent cannot
     serve (a hub id given offline, an encoder-decoder, no causal LM head, logits it cannot
-    reproduce from a latent) is refused in one line naming ``model.path``."""
+    reproduce from a latent, its own code (``auto_map``) without ``model.trust_remote_code``, a
+    forward that does not run) is refused in one line naming ``model.path``. Which cache decoding
+    uses is probed here too (``rerun.decoding_path``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -51,19 +54,31 @@ def load_model(cfg: ModelConfig):
         raise UserError(f"config key model.path: model directory not found: {cfg.path}")
     if not (path / "config.json").is_file():
         raise UserError(f"config key model.path: {cfg.path} has no config.json (not a Hugging Face model directory)")
+    remote = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    auto_map = _auto_map(path)
+
+    def needs_remote_code() -> None:
+        # transformers cannot load it without the directory's own code: say so instead of its error
+        if auto_map and not cfg.trust_remote_code:
+            raise refuse(f"ships its own modelling code (auto_map in config.json: {', '.join(sorted(auto_map))}), which "
+                         "would run on loading; set model.trust_remote_code=true only if you trust that code") from None
+
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **remote)
     except Exception as e:
+        needs_remote_code()
         raise refuse(f"has an unreadable config.json: {_first_line(e)}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise refuse(f"is an encoder-decoder model ({config.model_type}); lit_latent needs a decoder-only causal LM")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except Exception as e:
+        needs_remote_code()
         raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {_first_line(e)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **remote)
     except Exception as e:
+        needs_remote_code()
         raise UserError(f"config key model.path: cannot load a causal LM from {cfg.path}: {_first_line(e)}") from None
     if model.get_output_embeddings() is None:
         raise refuse(f"({config.model_type}) has no causal LM head (get_output_embeddings() is None)")
@@ -73,9 +88,26 @@ def load_model(cfg: ModelConfig):
         logit_transform(model)  # probed now, so a model whose logits cannot be reproduced stops here
     except Exception as e:
         raise refuse(f"({config.model_type}): {_first_line(e)}") from None
+    from lit_latent.rerun import decoding_path  # it builds on this module
+
+    try:
+        decoding_path(model)  # probed now too: which cache decoding can use (rerun.py), before any work
+    except Exception as e:
+        raise refuse(f"({config.model_type}) cannot be run without a cache: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _auto_map(path: Path) -> dict:
+    """config.json's ``auto_map`` (classes in the directory's own code), {} when none or unreadable."""
+    import json
+
+    try:
+        found = json.loads((path / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -170,8 +202,15 @@ def generate(
     fed after ``prompts[i]`` and the model continues from it. ``prompt_state`` (from
     ``encode_prompts``, rows matching ``prompts``) skips recomputing the prompts.
     ``use_cache=False`` recomputes the whole sequence at every step: the reference
-    implementation's cost profile.
+    implementation's cost profile. A model whose cache cannot be held (recurrent or convolution
+    states, ``kvcache.holds_kv_cache``) re-runs prompt and prefix instead (``rerun.py``).
     """
+    if use_cache and not holds_kv_cache(model):
+        from lit_latent.rerun import generate_rerunning  # it builds on this module
+
+        return generate_rerunning(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                                  prefixes=prefixes, temperature=temperature, top_p=top_p, generators=generators,
+                                  return_hidden=return_hidden)
     device = next(model.parameters()).device
     backbone = model.base_model
     head = LogitHead(model)
@@ -299,6 +338,8 @@ def generate_branches(
     """
     if any(len(t) == 0 for b in branches for t in b):
         raise ValueError("every branch needs at least one token of its own")
+    if state.cache is None:
+        raise ValueError("generate_branches needs a held cache; this model's generations re-run their prompts")
     if not (full_attention(state.cache) and accepts_4d_mask(model)):
         return _branches_one_by_one(model, state, branches, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
     device = state.mask.device

@@ -2,7 +2,8 @@
 
 A latent is the last-layer state that the causal LM's forward hands to ``lm_head`` (after the
 final norm, and after OPT's ``project_out``). Some families change ``lm_head``'s output before
-returning it: Gemma 2/3 softcap it (``final_logit_softcapping``), Cohere multiplies it by
+returning it: Gemma 2/3 softcap it (``final_logit_softcapping``; RecurrentGemma's
+``logits_soft_cap``, always set: 30 in its releases), Cohere multiplies it by
 ``logit_scale``, Granite divides it by ``logits_scaling``, HyperCLOVA X multiplies by it.
 ``LogitHead`` applies the same transform, so sampling and the latent policy use the
 distribution the model defines (greedy is unchanged: the transforms are monotone).
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 _PROBED = "_lit_latent_logit_transform"  # the probe's answer, kept in the model's __dict__ (not a submodule)
 SCALE_NAMES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ def logit_transform(model) -> LogitTransform:
 def _candidates(model) -> list[LogitTransform]:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     owners = (model, getattr(model, "base_model", None), config)
-    cap = next((float(v) for o in owners for v in [getattr(o, "final_logit_softcapping", None)]
-                if isinstance(v, (int, float)) and v > 0), None)
+    cap = next((float(v) for o in owners for name in SOFTCAP_NAMES for v in [getattr(o, name, None)]
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), None)
     scales = [1.0]
     for owner in owners:
         for name in SCALE_NAMES:
@@ -92,7 +94,7 @@ def _probe(model) -> LogitTransform:
         if got.shape == want.shape and torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
             return transform
     raise ValueError("its logits are not lm_head(last hidden state) under any transform lit_latent knows "
-                     f"(softcapping, {', '.join(SCALE_NAMES)})")
+                     f"(softcapping by {' or '.join(SOFTCAP_NAMES)}, scaling by {', '.join(SCALE_NAMES)})")
 
 
 class LogitHead:

@@ -5,6 +5,12 @@ to it. Decoding (``generation.generate``, and ``generation.generate_branches``, 
 several continuations of one cached opening under a 4D attention mask) passes ready-made 4D
 masks only to a model that takes them; that is probed, not assumed: ALiBi models (Bloom, Falcon with ``alibi=True``) build their bias from a 2D mask and
 get one (``accepts_4d_mask``).
+
+All of this needs a cache of keys and values, which can be cut, selected and extended position
+by position. Recurrent and convolution states (Mamba, Jamba, LFM2, Falcon-H1, RecurrentGemma)
+summarise the whole past in one state, updated in place, that a pad mid-sequence would change.
+Whether a model's cache can be held this way is probed too (``holds_kv_cache``); where it cannot,
+a prompt state keeps no cache and every generation re-runs its prompt (``rerun.py``).
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ def _probe_4d_mask(model) -> bool:
     weight = model.get_output_embeddings().weight
     vocab, dtype = weight.shape[0], next(model.parameters()).dtype
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
-    state = encode_prompts(model, [[t % vocab for t in p] for p in prompts], pad_id=0)
+    state = _encode_kv(model, [[t % vocab for t in p] for p in prompts], pad_id=0)
 
     def run(four_d: bool) -> Tensor:
         cache = copy.copy(state.cache)
@@ -162,6 +168,64 @@ def _probe_4d_mask(model) -> bool:
     return got.shape == want.shape and torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol)
 
 
+_HOLDS = "_lit_latent_holds_kv_cache"  # the probe's answer, kept in the model's __dict__
+
+
+def holds_kv_cache(model) -> bool:
+    """Whether the fast path can hold ``model``'s cache: prompts encoded once, rows selected and
+    repeated, a block appended, a state reused by a later generation after an earlier one wrote
+    past it. True for caches of keys and values. Probed once per model (then cached on it): a
+    state is used as ``generate`` uses it, then again through ``select``, each time a block and a
+    decoding step are appended; the hidden states must be those of each row run alone without a
+    cache. Recurrent and convolution states raise (no ``batch_select_indices``) or disagree
+    (updated in place, a shared state is overwritten by its first use)."""
+    found = model.__dict__.get(_HOLDS)
+    if found is None:
+        found = _probe_kv_cache(model)
+        model.__dict__[_HOLDS] = found
+    return found
+
+
+@torch.no_grad()
+def _probe_kv_cache(model) -> bool:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    # blocks of one length: the fast path's answers with ragged blocks (pads mid-sequence) are the
+    # parity tests' business; moving a family off it is not this probe's (MPT differs there, see docs/performance.md)
+    blocks = [[10, 11], [12, 13]]
+    steps = [14, 15]
+    tokens = lambda rows: [[t % vocab for t in r] for r in rows]  # noqa: E731
+    got = []
+    try:
+        state = _encode_kv(model, tokens(prompts), pad_id=0)
+        for order in ([0, 1], [1, 0, 1]):
+            if order == [0, 1]:  # as generate uses a state: new layer objects over the same buffers
+                cache = copy.copy(state.cache)
+                cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+                start = PromptState(cache, state.mask, state.last)
+            else:  # after the first use wrote past the prompts: rows repeated and swapped
+                start = state.select(order)
+            extended, _ = extend_prompts(model, start, tokens([blocks[i] for i in order]), pad_id=0)
+            mask = torch.cat([extended.mask, torch.ones_like(extended.mask[:, :1])], dim=1)
+            out = model.base_model(input_ids=torch.tensor(tokens([[steps[i]] for i in order]), device=device),
+                                   attention_mask=mask, position_ids=_positions(mask)[:, -1:], use_cache=True,
+                                   **{CACHE: extended.cache})
+            got.append((order, torch.stack([extended.last, out.last_hidden_state[:, -1]], dim=1).float()))
+    except Exception:  # e.g. a LinearAttentionLayer has no batch_select_indices
+        return False
+    alone = {}
+    for i in range(len(prompts)):
+        row = torch.tensor(tokens([prompts[i] + blocks[i] + [steps[i]]]), device=device)
+        alone[i] = model.base_model(input_ids=row, use_cache=False).last_hidden_state[0, -2:].float()
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    for order, states in got:
+        want = torch.stack([alone[i] for i in order])
+        if states.shape != want.shape or not torch.allclose(states, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
+            return False
+    return True
+
+
 def step_mask(model, cache, mask: Tensor) -> Tensor:
     """The attention mask for a decoding step after the 2D ``mask`` ``[B, S]``: ready-made 4D
     where every layer attends fully and the model takes it (transformers would rebuild it from
@@ -176,13 +240,15 @@ class PromptState:
     """The prompts' KV cache and last hidden state, computed once and reused by every
     regeneration of the same problems (LatentSeek decodes up to K candidates per problem)."""
 
-    cache: Any
+    cache: Any  # None where the model's cache cannot be held (``holds_kv_cache``)
     mask: Tensor  # [B, S] left-padded attention mask of the prompts
     last: Tensor  # [B, d] post-norm state at each prompt's last position: it predicts the first answer token
 
     def select(self, rows: Sequence[int]) -> "PromptState":
         """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        if self.cache is None:  # a model whose cache is not held: generations re-run the prompts
+            return PromptState(None, self.mask[index], self.last[index])
         cache = copy.copy(self.cache)
         # layer objects are copied, then each takes its rows into a fresh buffer
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
@@ -192,6 +258,17 @@ class PromptState:
 
 @torch.no_grad()
 def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
+    """The prompts' cache and last states; only the last states (``cache=None``) for a model whose
+    cache cannot be held (``holds_kv_cache``): its generations re-run the prompts."""
+    if not holds_kv_cache(model):
+        ids, mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        return PromptState(None, mask, out.last_hidden_state[:, -1])
+    return _encode_kv(model, prompts, pad_id)
+
+
+@torch.no_grad()
+def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
@@ -205,6 +282,8 @@ def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], p
     ``[B, W, d]``. The blocks are left-padded as one block after the cached rows: the pads sit
     mid-sequence, masked out, and positions follow each row's own tokens. A row whose block is
     empty keeps its last state."""
+    if state.cache is None:
+        raise ValueError("extend_prompts needs a held cache; this model's generations re-run their prompts")
     block, block_mask = _left_pad(blocks, pad_id, state.mask.device)
     mask = torch.cat([state.mask, block_mask], dim=1)
     out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],

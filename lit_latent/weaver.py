@@ -6,8 +6,9 @@ so an untrained weaver is exactly the identity and training starts from "change 
 * ``transformer`` (default): ``e`` becomes a conditioning token in front of the ``L'`` latents;
   a few pre-norm ``nn.TransformerEncoder`` layers with learned positions read them.
 * ``lora``: a local HF causal LM (the paper uses Qwen2.5-1.5B) reads projections of ``e`` and
-  ``z_base`` as ``inputs_embeds``; only LoRA adapters on its attention projections and the
-  in/out projections train, the backbone stays frozen.
+  ``z_base`` as ``inputs_embeds``; only LoRA adapters on its attention projections (on a
+  backbone without them, e.g. Mamba: on every linear layer of its blocks) and the in/out
+  projections train, the backbone stays frozen.
 
 A checkpoint is a folder with ``weaver.safetensors`` (for ``lora``: adapters and projections
 only, the backbone is reloaded from ``backbone_path``) and ``weaver.json`` (the weaver config,
@@ -97,10 +98,13 @@ class LoraWeaver(nn.Module):
         backbone = _load_backbone(backbone_path)
         # what inputs_embeds and last_hidden_state hold: OPT projects them in and out of its hidden size
         width = backbone.get_input_embeddings().weight.shape[-1]
-        names = {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
-        targets = [p for p in ATTENTION_PROJECTIONS if p in names] or None  # None: peft's default for the architecture
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
-        self.backbone = get_peft_model(backbone, lora)  # freezes every backbone weight, adds trainable adapters
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0)
+        lora.target_modules = lora_targets(backbone, lora)
+        try:
+            self.backbone = get_peft_model(backbone, lora)  # freezes every backbone weight, adds trainable adapters
+        except ValueError as err:  # no target peft knows for this architecture
+            raise UserError(f"config key weaver.backbone_path: {backbone_path} ({backbone.config.model_type}) has no "
+                            f"layer LoRA can adapt: {(str(err).splitlines() or [''])[0]}") from None
         self.hidden_size, self.e_size, self.latent_count, self.width = hidden_size, e_size, latent_count, width
         self.backbone_path = str(backbone_path)
         self.e_in = nn.Sequential(nn.LayerNorm(e_size), nn.Linear(e_size, width))
@@ -120,6 +124,34 @@ class LoraWeaver(nn.Module):
 
     def reset_to_identity(self) -> None:
         _zero(self.out)
+
+
+def lora_targets(backbone: nn.Module, lora) -> Optional[list[str]]:
+    """The backbone's attention projections; where it has none (Mamba's blocks mix tokens with a
+    convolution and a state-space scan), every linear layer inside its blocks that peft accepts
+    for it; None (peft's default for the architecture, e.g. GPT-2's ``Conv1D``) where it has neither."""
+    linear = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    names = {name.rsplit(".", 1)[-1] for name in linear}
+    attention = [p for p in ATTENTION_PROJECTIONS if p in names]
+    if attention:
+        return attention
+    # inside a block: a numbered layer in the path (layers.0.mixer.in_proj), not a top-level projection
+    in_blocks = sorted({name.rsplit(".", 1)[-1] for name in linear if any(part.isdigit() for part in name.split(".")[:-1])})
+    return [name for name in in_blocks if _peft_accepts(backbone, lora, name)] or None
+
+
+def _peft_accepts(backbone: nn.Module, lora, name: str) -> bool:
+    # peft refuses some targets per architecture (Mamba's out_proj, whose weight its fused kernels
+    # read directly, so an adapter there would be skipped): asked one name at a time
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without the check: it refuses nothing
+        return True
+    try:
+        check(lora, backbone, name)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_backbone(path: str) -> nn.Module:

@@ -3,6 +3,11 @@
 prompt cache; (b) the log-probs the framework samples from and the latent policy's equal
 ``log_softmax(model(...).logits / T)``; (c) CoT, LatentSeek and LatentEvolve run through
 ``adapt.main``. The families behind ``slow`` run (c) only with ``-m slow``.
+
+Recurrent and hybrid families (Mamba, Mamba-2, Jamba, LFM2, Falcon-H1, RecurrentGemma, Granite 4's
+GraniteMoeHybrid, Qwen3-Next, Bamba) keep states the KV fast path cannot hold; they are decoded with transformers' own cache, their
+prompts re-run (``rerun.py``). Mamba and LFM2 run (a)-(c) in the default run, the others
+only with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -59,12 +64,50 @@ def _configs(vocab: int) -> dict:
         "cohere": lambda: tf.CohereConfig(**SMALL, logit_scale=0.0625, **ids),
         "cohere2": lambda: tf.Cohere2Config(**SMALL, logit_scale=0.0625, sliding_window=6, **ids),
         "smollm3": lambda: tf.SmolLM3Config(**SMALL, **ids),
+        # recurrent and hybrid: states the KV fast path cannot hold (rerun.py decodes them)
+        "mamba": lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=4, **ids),
+        "mamba2": lambda: tf.Mamba2Config(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                                          num_heads=8, head_dim=8, n_groups=1, chunk_size=16, **ids),
+        # layer 0 Mamba, layer 1 attention with a 2-expert MoE
+        "jamba": lambda: tf.JambaConfig(**SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                        expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=4,
+                                        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, **ids),
+        # a short-convolution layer, then attention
+        "lfm2": lambda: tf.Lfm2Config(**SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, **ids),
+        # attention and Mamba-2 side by side in every layer
+        "falcon_h1": lambda: tf.FalconH1Config(**SMALL, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                               mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                                               mamba_chunk_size=16, **ids),
+        # a linear recurrence (RG-LRU) layer, a local-attention layer; logits softcapped by logits_soft_cap
+        "recurrent_gemma": lambda: tf.RecurrentGemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                           lru_width=32, attention_window_size=16, conv1d_width=4,
+                                                           logits_soft_cap=1.0, block_types=["recurrent", "attention"],
+                                                           **ids),
+        # the hybrid releases built on the same layers: Granite 4 (Mamba-2 + attention, MoE), Qwen3-Next (gated
+        # DeltaNet + attention, MoE), Bamba (Mamba-2 + attention)
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(**SMALL, layer_types=["mamba", "attention"], mamba_n_heads=4,
+                                                              mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4,
+                                                              mamba_expand=2, mamba_chunk_size=16, num_local_experts=2,
+                                                              num_experts_per_tok=1, shared_intermediate_size=32, **ids),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(**SMALL, head_dim=8, layer_types=["linear_attention", "full_attention"],
+                                                 linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                                 linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=16,
+                                                 shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                                                 **ids),
+        "bamba": lambda: tf.BambaConfig(**SMALL, attn_layer_indices=[1], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+                                        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, **ids),
     }
 
 
 FAMILIES = list(_configs(100))
+RECURRENT = ["mamba", "mamba2", "jamba", "lfm2", "falcon_h1", "recurrent_gemma", "granitemoehybrid", "qwen3_next", "bamba"]
 # (c) in the default run for these; the others behind the slow marker
-DEFAULT_RUNS = {"llama", "bloom", "gemma2", "cohere", "granite", "opt_project_out"}
+DEFAULT_RUNS = {"llama", "bloom", "gemma2", "cohere", "granite", "opt_project_out", "mamba", "lfm2"}
+# (a) and (b) in the default run for every attention family and these recurrent ones
+DEFAULT_RECURRENT = {"mamba", "lfm2"}
+FAMILY_PARAMS = [pytest.param(f, marks=[pytest.mark.slow] if f in RECURRENT and f not in DEFAULT_RECURRENT else [])
+                 for f in FAMILIES]
 
 _built: dict = {}
 
@@ -98,7 +141,7 @@ def _hf_greedy(model, prompts, max_new_tokens):
     return rows
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_greedy_tokens_equal_model_generate(family, char_tokenizer):
     from lit_latent.kvcache import encode_prompts
 
@@ -111,7 +154,7 @@ def test_greedy_tokens_equal_model_generate(family, char_tokenizer):
     assert generate(model, prompts, use_cache=False, **kw).tokens == want
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_sampling_draws_from_the_models_distribution(family, char_tokenizer, monkeypatch):
     # every step's logits handed to the sampler, against the model's own forward over the same tokens
     model = family_model(family, len(char_tokenizer))
@@ -131,7 +174,7 @@ def test_sampling_draws_from_the_models_distribution(family, char_tokenizer, mon
                                        atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_latent_policy_is_the_models_distribution(family, char_tokenizer):
     # the latents generate returns, through LogitHead, give the model's log-probs of the tokens they
     # produced: on a fresh prefill and after a forced prefix on a cached prompt
@@ -192,8 +235,11 @@ def _run_cases():
     for family in FAMILIES:
         for method in RUNS:
             marks = [] if family in DEFAULT_RUNS else [pytest.mark.slow]
-            if method == "latentseek_self" and family not in ("bloom", "falcon_alibi", "llama"):
+            # self-reward also through the recurrent path: verification re-runs each message whole
+            if method == "latentseek_self" and family not in ("bloom", "falcon_alibi", "llama", "mamba", "jamba"):
                 continue
+            if family in RECURRENT and method in ("latentseek_self", "latentevolve"):
+                marks = [pytest.mark.slow]
             yield pytest.param(family, method, marks=marks, id=f"{family}-{method}")
 
 
@@ -211,6 +257,36 @@ def test_methods_run_end_to_end(family, method, char_tokenizer, two_problems, tm
     if method == "latentevolve":
         assert (run_dir / "weaver" / "night-001" / "weaver.json").is_file()
         assert records[1].get("neighbours") == ["p1"]
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_the_decoding_path_is_probed_per_family(family, char_tokenizer):
+    # keys and values: the fast path; recurrent or convolution states: transformers' own cache, prompts re-run
+    from lit_latent.rerun import decoding_path
+
+    model = family_model(family, len(char_tokenizer))
+    assert decoding_path(model) == ("own cache" if family in RECURRENT else "kv cache")
+
+
+def test_a_model_whose_own_cache_does_not_reproduce_its_forward_recomputes_every_step(char_tokenizer, monkeypatch):
+    # the last resort: no cache at all, the whole sequence at every step (as the reference profile)
+    import lit_latent.rerun as rerun
+    from lit_latent.kvcache import encode_prompts
+
+    model = family_model("mamba", len(char_tokenizer))
+    monkeypatch.setitem(model.__dict__, rerun._PROBED, False)
+    monkeypatch.setattr(rerun, "_decode_with_own_cache", lambda *a, **k: pytest.fail("the own-cache path was used"))
+    prompts = [char_tokenizer(p)["input_ids"] for p in PROMPTS]
+    kw = dict(max_new_tokens=8, eos_ids=[1], pad_id=0)
+    assert generate(model, prompts, prompt_state=encode_prompts(model, prompts, 0), **kw).tokens == _hf_greedy(model, prompts, 8)
+
+
+def test_recurrent_gemmas_logits_are_its_head_softcapped_by_logits_soft_cap(char_tokenizer):
+    # RecurrentGemma's forward: tanh(lm_head(h) / logits_soft_cap) * logits_soft_cap (1.0 here, 30 in its releases)
+    from lit_latent.heads import LogitTransform, logit_transform
+
+    model = family_model("recurrent_gemma", len(char_tokenizer))
+    assert logit_transform(model) == LogitTransform(softcap=1.0)
 
 
 def test_latents_are_sized_by_the_heads_input_where_opt_projects_out(char_tokenizer):

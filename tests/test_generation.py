@@ -213,3 +213,52 @@ def test_models_it_cannot_serve_are_refused_in_one_line(tmp_path, char_tokenizer
         with pytest.raises(UserError, match="config key model.path: ") as err:
             load_model(ModelConfig(path=path))
         assert why in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
+
+
+REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+'''
+REMOTE_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+    ran_the_directorys_code = True
+'''
+
+
+def test_a_model_with_its_own_code_needs_model_trust_remote_code(tmp_path, char_tokenizer):
+    # auto_map in config.json names classes in the directory's own files: refused by default, loaded when trusted
+    import json
+
+    import pytest
+
+    from conftest import make_tiny_model
+    from lit_latent.config import ModelConfig, UserError
+    from lit_latent.generation import load_model
+
+    path = tmp_path / "remote"
+    make_tiny_model("llama", len(char_tokenizer)).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    (path / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (path / "modeling_tiny_remote.py").write_text(REMOTE_MODEL)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(UserError) as err:
+        load_model(ModelConfig(path=str(path)))
+    assert str(err.value) == (f"config key model.path: {path} ships its own modelling code (auto_map in config.json: "
+                              "AutoConfig, AutoModelForCausalLM), which would run on loading; set "
+                              "model.trust_remote_code=true only if you trust that code")
+    model, tokenizer = load_model(ModelConfig(path=str(path), trust_remote_code=True))
+    assert type(model).__name__ == "TinyRemoteForCausalLM" and model.ran_the_directorys_code
+    out = generate(model, [tokenizer("1 + 1 =")["input_ids"]], max_new_tokens=3, eos_ids=[1], pad_id=0)
+    assert len(out.tokens[0]) <= 3

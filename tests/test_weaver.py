@@ -214,3 +214,33 @@ def test_checkpoint_records_whether_its_memory_used_labels(tmp_path):
         check_labels(weaver.uses_labels, False, "weaver.checkpoint", f"weaver checkpoint {tmp_path / 'w'}")
     save_weaver(build_weaver(cfg, HIDDEN, D, LATENTS), cfg, tmp_path / "v", HIDDEN, "tiny")
     assert load_weaver(tmp_path / "v", HIDDEN, "tiny").uses_labels is None
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory):
+    """A tiny random Mamba: no attention projections; its blocks' linears are in_proj, x_proj, dt_proj and out_proj
+    (which peft refuses for Mamba: its fused kernels read that weight directly)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-mamba")
+    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2)).save_pretrained(path)
+    return path
+
+
+def test_lora_on_a_backbone_without_attention_adapts_its_blocks_linears(mamba_dir, tmp_path, capsys):
+    # python train.py weaver.kind=lora weaver.backbone_path=<a Mamba>: adapters on the blocks' linears, a loadable checkpoint
+    write_memory(tmp_path / "memory")
+    result = train.main([f"memory.path={tmp_path / 'memory'}", "weaver.kind=lora", f"weaver.backbone_path={mamba_dir}",
+                         "weaver.lora_r=2", "weaver.max_epochs=1", "trainer.accelerator=cpu"])
+    weaver = load_weaver(result.path, HIDDEN, "tiny")
+    adapted = {n.split(".")[-4] for n, p in weaver.named_parameters() if "lora_A" in n}
+    assert isinstance(weaver, LoraWeaver) and adapted == {"in_proj", "x_proj", "dt_proj"}
+
+
+def test_lora_on_a_backbone_with_no_layer_to_adapt_is_refused_in_one_line(mamba_dir, monkeypatch):
+    import lit_latent.weaver as weaver_module
+
+    monkeypatch.setattr(weaver_module, "lora_targets", lambda backbone, lora: None)  # as for a backbone peft knows nothing of
+    with pytest.raises(UserError, match=rf"^config key weaver.backbone_path: {re.escape(str(mamba_dir))} \(mamba\) has no layer LoRA can adapt: [^\n]*$"):
+        build_weaver(WeaverConfig(kind="lora", backbone_path=str(mamba_dir)), HIDDEN, D, LATENTS)
