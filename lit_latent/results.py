@@ -166,6 +166,10 @@ def format_table(summary: dict[str, Any]) -> str:
 def write_summary(run_dir: str | Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(records)
     tmp = Path(run_dir) / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(tmp)) from None
     os.replace(tmp, Path(run_dir) / SUMMARY)
     return summary

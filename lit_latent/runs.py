@@ -133,8 +133,9 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only folder, permission denied: the path and the reason
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        first = _first_os_error(e)
+        where = f"{first.filename}: " if first.filename else ""
+        print(f"error: {where}{first.strerror or first}", file=sys.stderr)
         return 1
     except StopRequested as e:
         print(f"stopped on {e}: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
@@ -143,3 +144,14 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
         print("interrupted: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _first_os_error(e: OSError) -> OSError:
+    """The failure that started it: a full disk fails the first write (ours, naming its file),
+    then the loggers' flushes during the shutdown (which name none)."""
+    chain, seen = [], e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            chain.append(seen)
+        seen = seen.__context__
+    return next((x for x in reversed(chain) if x.filename), e)
