@@ -52,8 +52,10 @@ def test_a_second_process_is_refused_naming_the_folder_and_holder_and_a_dead_hol
     run_dir.mkdir()
     data = write_problems(tmp_path / "p.jsonl", 2)
     env = {k: v for k, v in os.environ.items() if k != LOCK_HOLDER_ENV}  # not a rank of a launch that holds it
-    hold = ("import sys, time; from pathlib import Path; from lit_latent.runs import hold_lock; "
-            "hold_lock(Path(sys.argv[1]), 'run_dir'); print('held', flush=True); time.sleep(120)")
+    # a writer as adapt.py holds it: flock on <run_dir>/lock, its pid inside
+    hold = ("import fcntl, os, sys, time; f = open(os.path.join(sys.argv[1], 'lock'), 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.truncate(0); f.write(f'{os.getpid()}\\n'); f.flush(); "
+            "print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -65,8 +67,9 @@ def test_a_second_process_is_refused_naming_the_folder_and_holder_and_a_dead_hol
     finally:
         holder.kill()
         holder.wait()
-    # the holder died without letting go: its lock is gone with it
-    third = subprocess.run([sys.executable, "-c", hold.replace("time.sleep(120)", "pass"), str(run_dir)], cwd=ROOT, env=env,
+    # the holder died without letting go: its lock is gone with it, and a run goes ahead
+    third = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from lit_latent.runs import hold_lock; "
+                            "hold_lock(Path(sys.argv[1]), 'run_dir'); print('held')", str(run_dir)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and third.stdout.strip() == "held", third.stderr
 
