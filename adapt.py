@@ -97,7 +97,7 @@ def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, done: set, uses
     hidden = latent_size(module.model)  # lm_head's input: OPT with project_out has 32 where config says 64
     ident = model_id(cfg.model.path)
     memory_dir = Path(cfg.memory.path or run_dir / "memory")
-    if cfg.memory.path and (memory_dir.is_dir() or not memory_dir.exists()):  # one writer there too
+    if memory_dir.is_dir() or not memory_dir.exists():  # one writer of a memory, whichever run names it
         memory_dir.mkdir(parents=True, exist_ok=True)
         hold_lock(memory_dir, "memory.path")
     module.memory = EpisodicMemory(memory_dir, ident, hidden, cfg.memory.backend,

@@ -65,7 +65,8 @@ def hold_lock(folder: Path, key: str) -> None:
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     _held[folder] = fd
     holders = [h for h in os.environ.get(LOCK_HOLDER_ENV, "").split(",") if h]
-    os.environ[LOCK_HOLDER_ENV] = ",".join(holders + [str(os.getpid())])
+    if str(os.getpid()) not in holders:
+        os.environ[LOCK_HOLDER_ENV] = ",".join(holders + [str(os.getpid())])
 
 
 def quiet_lightning() -> None:
