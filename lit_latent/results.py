@@ -26,8 +26,8 @@ TIMING_FIELDS = ("seconds",)
 
 def _scan(path: Path) -> tuple[list[tuple[int, bytes, dict[str, Any]]], list[tuple[int, bytes]]]:
     """Split a predictions file into its records ``(line number, raw line, record)`` and its bad
-    lines ``(line number, raw line)``: not UTF-8, not a JSON object with an id, a duplicate id,
-    or a partial last line (no newline: a killed run's)."""
+    lines ``(line number, raw line)``: not UTF-8, not a JSON object, a duplicate id, or a
+    partial last line (no newline: a killed run's)."""
     good, bad, seen = [], [], set()
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -37,8 +37,9 @@ def _scan(path: Path) -> tuple[list[tuple[int, bytes, dict[str, Any]]], list[tup
                     record = json.loads(raw.decode("utf-8"))
                 except ValueError:  # JSONDecodeError and UnicodeDecodeError
                     pass
-            if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"] not in seen:
-                seen.add(record["id"])
+            key = json.dumps(record["id"]) if isinstance(record, dict) and "id" in record else None
+            if isinstance(record, dict) and (key is None or key not in seen):
+                seen.add(key)
                 good.append((lineno, raw, record))
             elif raw.strip():
                 bad.append((lineno, raw))
