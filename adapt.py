@@ -59,7 +59,7 @@ def main(argv: list[str]) -> dict:
         callbacks.append(ForgetFinishedProblems(reward))
     module = LatentAdaptationModule(model, tokenizer, cfg, reward)
     if cfg.method == "latentevolve":
-        callbacks += setup_latent_evolve(cfg, module, run_dir, problems_done=len(done), uses_labels=reward.uses_labels)
+        callbacks += setup_latent_evolve(cfg, module, run_dir, done, uses_labels=reward.uses_labels)
     callbacks.append(writer)  # after the memory callbacks: they annotate the records before they are written
     stop = GracefulStop()
     callbacks.append(stop.callback())  # after the writer: a stop request ends the run once the batch is saved
@@ -82,20 +82,26 @@ def main(argv: list[str]) -> dict:
     return writer.summary
 
 
-def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, problems_done: int, uses_labels: bool) -> list:
-    """The episodic memory (loaded if it exists), a trained weaver if given, and the day/night
-    callbacks. A memory or weaver made under a gold-label reward is refused in a run whose reward
-    uses none (its edits would carry the labels in)."""
+def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, done: set, uses_labels: bool) -> list:
+    """The episodic memory (loaded if it exists, its entries of problems without a record in
+    ``done`` dropped), a trained weaver if given, and the day/night callbacks. A memory or weaver
+    made under a gold-label reward is refused in a run whose reward uses none (its edits would
+    carry the labels in)."""
     from callbacks.memory import MemoryCallback, NightCallback
     from lit_latent.generation import model_id
     from lit_latent.heads import latent_size
     from lit_latent.memory import EpisodicMemory, check_labels
+    from lit_latent.runs import hold_lock
     from lit_latent.weaver import load_weaver
 
     hidden = latent_size(module.model)  # lm_head's input: OPT with project_out has 32 where config says 64
     ident = model_id(cfg.model.path)
-    module.memory = EpisodicMemory(cfg.memory.path or run_dir / "memory", ident, hidden, cfg.memory.backend,
-                                   reward=cfg.reward.kind, uses_labels=uses_labels)
+    memory_dir = Path(cfg.memory.path or run_dir / "memory")
+    if memory_dir.is_dir() or not memory_dir.exists():  # one writer of a memory, whichever run names it
+        memory_dir.mkdir(parents=True, exist_ok=True)
+        hold_lock(memory_dir, "memory.path")
+    module.memory = EpisodicMemory(memory_dir, ident, hidden, cfg.memory.backend,
+                                   reward=cfg.reward.kind, uses_labels=uses_labels, recorded=done)
     check_labels(module.memory.uses_labels, uses_labels, "memory.path", f"memory at {module.memory.path}")
     if cfg.weaver.checkpoint:
         module.weaver = load_weaver(cfg.weaver.checkpoint, hidden, ident, latent_count=cfg.evolve.latent_count,
@@ -104,7 +110,7 @@ def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, problems_done: 
     callbacks = [MemoryCallback(module.memory, cfg.evolve.archive_threshold)]
     if cfg.evolve.night_every:
         callbacks.append(NightCallback(cfg.evolve.night_every, module.memory, cfg.weaver, run_dir / "weaver", cfg.seed,
-                                       ident, hidden, cfg.weaver.backbone_path or cfg.model.path, problems_done))
+                                       ident, hidden, cfg.weaver.backbone_path or cfg.model.path, len(done)))
     return callbacks
 
 

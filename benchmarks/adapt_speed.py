@@ -87,8 +87,13 @@ def run_method(model, tokenizer, problems, overrides: list[str], cuda: bool, rew
         start = time.perf_counter()
         out = trainer.predict(module, datamodule=ProblemDataModule(problems, batch))
         seconds = time.perf_counter() - start
-    records = [r for b in out for r in b]
+    records = [r for b in (out or []) for r in b]
     n = len(records)
+    if trainer.received_sigterm or trainer.interrupted or n != len(problems):
+        # Lightning's predict notes a SIGTERM and goes on: a figure from a stopped run would be wrong
+        why = "SIGTERM received" if trainer.received_sigterm else "interrupted"
+        sys.exit(f"error: {why} during the {' '.join(overrides[-1:])} run ({n} of {len(problems)} problems): "
+                 "an incomplete run gives no figure")
     return {
         "seconds": seconds,
         "problems_per_s": n / seconds,

@@ -43,7 +43,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a stopped or failed run still leaves a summary of what it finished
         if trainer.global_rank == 0 and self.final_path.is_file():
-            self.summary = write_summary(self.run_dir, read_records(self.final_path))
+            try:
+                self.summary = write_summary(self.run_dir, read_records(self.final_path))
+            except OSError:
+                pass  # the disk that failed the run fails this too: the run's own error is the one to report
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if trainer.world_size > 1:

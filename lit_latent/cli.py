@@ -96,9 +96,24 @@ def load_config(schema: type, config_files: list[str], overrides: list[str]):
     if config_files and "config_name" in merged:
         merged.config_name = "-".join(Path(f).stem for f in config_files)
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(_describe(e, schema, "config")) from None
+    _check_finite(cfg)
+    return cfg
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """NaN or inf in a numeric key (``latent.lr=nan``) would pass every range check silently."""
+    import math
+
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"config key {prefix}{f.name}: {value} is not a finite number")
 
 
 def help_text(schema: type, command: str) -> str:

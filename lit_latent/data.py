@@ -25,13 +25,17 @@ def read_problems(path: str | Path, limit: Optional[int] = None, require_choices
         raise UserError(f"config key data.path: file not found: {path}")
     problems: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(problems) >= offset + limit:
                 break
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -43,7 +47,9 @@ def read_problems(path: str | Path, limit: Optional[int] = None, require_choices
                     raise UserError(f"{where}: missing field {key!r}")
             if not isinstance(row["problem"], str) or not row["problem"].strip():
                 raise UserError(f"{where}: field 'problem' is empty")
-            pid = str(row.get("id", f"{path.stem}-{lineno - 1}"))
+            if "id" in row and not isinstance(row["id"], str):  # null would become the id 'None', 1 and "1" collide
+                raise UserError(f"{where}: field 'id' must be a string, got {json.dumps(row['id'])}")
+            pid = row.get("id", f"{path.stem}-{lineno - 1}")
             if pid in seen:
                 raise UserError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
             seen[pid] = lineno

@@ -84,6 +84,9 @@ def load_model(cfg: ModelConfig):
         raise refuse(f"({config.model_type}) has no causal LM head (get_output_embeddings() is None)")
     model.eval()
     model.requires_grad_(False)
+    broken = next((name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    if broken is not None:
+        raise refuse(f"holds NaN or inf in its weights ({broken}): the checkpoint is damaged or was saved after a diverged update")
     try:
         logit_transform(model)  # probed now, so a model whose logits cannot be reproduced stops here
     except Exception as e:

@@ -6,9 +6,16 @@ On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_ba
 uses gold labels, and per shard its problem ids and scores). ``d`` is ``lm_head``'s input size
 (``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT).
 
-Every write is atomic (temp file, fsync, ``os.replace``) and a shard is written before the
-manifest that lists it, so a killed write leaves the previous memory loadable: a shard the
-manifest does not list is ignored.
+Every write is atomic (temp file, fsync, ``os.replace``); the manifest exists before the first
+shard, and a shard is written before the manifest that lists it, with its sha256, checked on
+load. So the only shard a manifest may fail to list is the next one a killed write left (it is
+overwritten); any other unlisted shard, or shards without a manifest, is refused rather than
+overwritten: data on disk is never destroyed.
+
+An adapt run archives a batch before writing its records, as ``pending`` shards; they are
+committed once the records are durable. A resumed run (``recorded``: the ids with a record)
+keeps a pending entry whose problem has a record and drops the others (the manifest lists the
+dropped shards before their files go), so the memory never holds a problem without a record.
 
 In RAM every tensor is kept, with the L2-normalised ``e`` rows cached as one ``[N, D]``
 matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFlatIP`` with
@@ -17,6 +24,7 @@ matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -113,10 +121,12 @@ class EpisodicMemory:
     """Episodic memory of one model; ``path=None`` keeps it in RAM only (tests, benchmarks)."""
 
     def __init__(self, path: Union[str, Path, None], model_id: str, hidden_size: int, backend: str = "torch",
-                 reward: Optional[str] = None, uses_labels: Optional[bool] = None):
+                 reward: Optional[str] = None, uses_labels: Optional[bool] = None, recorded: Optional[set] = None):
         """``hidden_size``: the latent size ``d`` (``heads.latent_size(model)``). ``reward`` and
         ``uses_labels``: the kind of reward that scores the entries this process adds, and whether
-        it reads gold labels (recorded in the manifest; None: not said)."""
+        it reads gold labels (recorded in the manifest; None: not said). ``recorded``: the problem
+        ids the resumed run has records of, to settle pending entries (None: pending entries are
+        left on disk as they are and not loaded)."""
         self.path = None if path is None else Path(path)
         self.model_id = str(model_id)
         self.hidden_size = int(hidden_size)
@@ -131,6 +141,7 @@ class EpisodicMemory:
         self._scores: list[float] = []
         self._id_set: set[str] = set()
         self._shards: list[dict] = []  # manifest entries
+        self._dropped: list[str] = []  # shard files a resume dropped (pending entries without a record)
         self._e, self._e_unit, self._z_base, self._z_star = _Rows(), _Rows(), _Rows(), _Rows()
         self._faiss_index = None
         if backend == "faiss":
@@ -141,23 +152,25 @@ class EpisodicMemory:
         elif backend != "torch":
             raise UserError(f"config key memory.backend: {backend!r} is not one of torch, faiss")
         if self.path is not None:
-            self._open()
+            self._open(recorded)
 
     @classmethod
     def open(cls, path: Union[str, Path], backend: str = "torch") -> "EpisodicMemory":
         """Load an existing memory, whatever its model (train.py, which has no model of its own)."""
         manifest = _read_manifest(Path(path))
         if manifest is None:
+            _check_shards(Path(path), None)
             raise UserError(f"no episodic memory at {path} ({MANIFEST} not found)")
         return cls(path, manifest["model_id"], manifest["hidden_size"], backend)
 
     # --- loading -------------------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, recorded: Optional[set]) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"memory.path {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = _read_manifest(self.path)
+        _check_shards(self.path, manifest)
         if manifest is None:
             return
         if manifest["model_id"] != self.model_id or manifest["hidden_size"] != self.hidden_size:
@@ -167,25 +180,78 @@ class EpisodicMemory:
             )
         self.e_size, self.latent_count = manifest.get("e_size"), manifest.get("latent_count")
         self.rewards, self._uses_labels = list(manifest.get("rewards", [])), manifest.get("uses_labels")
-        from safetensors.torch import load_file
-
+        self._dropped = list(manifest.get("dropped", []))
+        settled, readd = False, []
         for shard in manifest["shards"]:
-            file = self.path / shard["file"]
             ids, scores = [str(i) for i in shard["ids"]], [float(s) for s in shard["scores"]]
-            if not file.is_file():
-                raise UserError(f"memory at {self.path}: shard {file.name} listed in {MANIFEST} is missing")
-            try:
-                tensors = load_file(file)
-                e, z_base, z_star = tensors["e"], tensors["z_base"], tensors["z_star"]
-            except Exception as err:
-                reason = (str(err).splitlines() or [type(err).__name__])[0]
-                raise UserError(f"memory at {self.path}: shard {file.name} is unreadable or truncated ({reason})") from None
-            expected = (len(ids), self.latent_count, self.hidden_size)
-            shapes = (tuple(e.shape), tuple(z_base.shape), tuple(z_star.shape))
-            if len(scores) != len(ids) or shapes != ((len(ids), self.e_size), expected, expected):
-                raise UserError(f"memory at {self.path}: shard {file.name} does not match {MANIFEST} (shapes or entry count)")
+            entry = {k: v for k, v in shard.items() if k not in ("ids", "scores")} | {"ids": ids, "scores": scores}
+            if shard.get("pending") and recorded is None:
+                self._shards.append(entry)  # a running (or killed) adapt run's: not ours to settle
+                continue
+            e, z_base, z_star = self._load_shard(shard["file"], shard.get("sha256"), ids, scores)
+            if shard.get("pending"):
+                settled = True
+                keep = [j for j, pid in enumerate(ids) if pid in recorded]
+                if len(keep) < len(ids):  # entries of problems without a record: a killed batch's
+                    self._dropped.append(shard["file"])
+                    if keep:  # (a record set aside as corrupt): the others are archived again below
+                        rows = torch.tensor(keep)
+                        readd.append((e[rows], z_base[rows], z_star[rows], [scores[j] for j in keep], [ids[j] for j in keep]))
+                    continue
+                entry.pop("pending")
             self._append(e, z_base, z_star, scores, ids)
-            self._shards.append({"file": shard["file"], "ids": ids, "scores": scores})
+            self._shards.append(entry)
+        if settled:
+            dropped = [f for f in self._dropped if (self.path / f).exists()]
+            self._write_manifest(self._shards)
+            for f in dropped:  # listed as dropped first, so a kill here leaves nothing unlisted
+                (self.path / f).unlink(missing_ok=True)
+            if dropped:
+                print(f"memory at {self.path}: dropped the pending entries of problems without a record "
+                      f"({', '.join(dropped)}): those problems are redone")
+        for args in readd:
+            self.add(*args)
+
+    def _load_shard(self, name: str, sha256: Optional[str], ids: list[str], scores: list[float]):
+        from safetensors.torch import load as load_bytes
+
+        file = self.path / name
+        if not file.is_file():
+            raise UserError(f"memory at {self.path}: shard {name} listed in {MANIFEST} is missing")
+        data = file.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise UserError(f"memory at {self.path}: shard {name} fails its sha256 check (the file changed after it was "
+                            f"written): restore it from a copy, or move the memory folder away to start a new one")
+        try:
+            tensors = load_bytes(data)
+            e, z_base, z_star = tensors["e"], tensors["z_base"], tensors["z_star"]
+        except Exception as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise UserError(f"memory at {self.path}: shard {name} is unreadable or truncated ({reason})") from None
+        expected = (len(ids), self.latent_count, self.hidden_size)
+        shapes = (tuple(e.shape), tuple(z_base.shape), tuple(z_star.shape))
+        if len(scores) != len(ids) or shapes != ((len(ids), self.e_size), expected, expected):
+            raise UserError(f"memory at {self.path}: shard {name} does not match {MANIFEST} (shapes or entry count)")
+        return e, z_base, z_star
+
+    def _write_manifest(self, shards: list[dict], **fields) -> None:
+        manifest = {
+            "format": FORMAT, "model_id": self.model_id, "hidden_size": self.hidden_size, "e_size": self.e_size,
+            "latent_count": self.latent_count, "entries": sum(len(s["ids"]) for s in shards), "rewards": self.rewards,
+            "uses_labels": self._uses_labels, "shards": shards,
+        }
+        manifest.update(fields)
+        if self._dropped:
+            manifest["dropped"] = self._dropped
+        text = json.dumps(manifest)
+        write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def commit(self) -> None:
+        """Mark the pending shards committed: their problems' records are durable now."""
+        if self.path is None or not any(s.get("pending") for s in self._shards):
+            return
+        self._shards = [{k: v for k, v in s.items() if k != "pending"} for s in self._shards]
+        self._write_manifest(self._shards)
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -262,8 +328,10 @@ class EpisodicMemory:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def add(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], problem_ids: list[str]) -> None:
-        """Archive a batch ``e [B, D]``, ``z_base``/``z_star [B, L', d]`` as one new shard; known ids are skipped."""
+    def add(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], problem_ids: list[str],
+            pending: bool = False) -> None:
+        """Archive a batch ``e [B, D]``, ``z_base``/``z_star [B, L', d]`` as one new shard; known ids are skipped.
+        ``pending``: the batch's records are not written yet (``commit`` once they are)."""
         n = len(problem_ids)
         if e.dim() != 2 or z_base.dim() != 3 or z_base.shape != z_star.shape or not (len(e) == len(z_base) == len(scores) == n):
             raise ValueError(
@@ -297,20 +365,17 @@ class EpisodicMemory:
         uses_labels = True if self._uses_labels or self.run_uses_labels else (
             False if self.run_uses_labels is False and (self._uses_labels is False or not len(self)) else None)
         if self.path is not None:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as save_bytes
 
-            # numbering continues from the last listed shard; an unlisted leftover of a crash is overwritten
-            last = max((int(s["file"][6:12]) for s in self._shards), default=0)
-            name = _shard_name(last + 1)
-            write_atomic(self.path / name, lambda tmp: save_file({"e": e, "z_base": z_base, "z_star": z_star}, str(tmp)))
-            shards = self._shards + [{"file": name, "ids": ids, "scores": scores}]
-            manifest = {
-                "format": FORMAT, "model_id": self.model_id, "hidden_size": self.hidden_size, "e_size": e_size,
-                "latent_count": latent_count, "entries": len(self) + len(ids), "rewards": rewards,
-                "uses_labels": uses_labels, "shards": shards,
-            }
-            text = json.dumps(manifest)
-            write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            if not (self.path / MANIFEST).is_file():  # before the first shard: no shard is ever without a manifest
+                self._write_manifest([])
+            # numbering continues after every shard the manifest knows; the unlisted leftover of a crash is overwritten
+            name = _next_shard(self._shards, self._dropped)
+            data = save_bytes({"e": e, "z_base": z_base, "z_star": z_star})
+            write_atomic(self.path / name, lambda tmp: tmp.write_bytes(data))
+            shard = {"file": name, "ids": ids, "scores": scores, "sha256": hashlib.sha256(data).hexdigest()}
+            shards = self._shards + [shard | {"pending": True} if pending else shard]
+            self._write_manifest(shards, e_size=e_size, latent_count=latent_count, rewards=rewards, uses_labels=uses_labels)
             self._shards = shards
         # RAM changes only once the manifest is on disk
         self.e_size, self.latent_count = e_size, latent_count
@@ -333,6 +398,32 @@ class EpisodicMemory:
             if self._faiss_index is None:
                 self._faiss_index = faiss.IndexFlatIP(unit.shape[1])
             self._faiss_index.add(unit.numpy())
+
+
+def _shard_number(name: str) -> int:
+    return int(name[6:12])
+
+
+def _next_shard(shards: list[dict], dropped: list[str]) -> str:
+    return _shard_name(max([_shard_number(s["file"]) for s in shards] + [_shard_number(f) for f in dropped], default=0) + 1)
+
+
+def _check_shards(path: Path, manifest: Optional[dict]) -> None:
+    """Refuse a folder holding shards its manifest does not know (a lost or older manifest):
+    writing there would overwrite them. The one allowed is the next shard, a killed write's."""
+    if not path.is_dir():
+        return
+    on_disk = sorted(f.name for f in path.glob("shard-*.safetensors"))
+    if manifest is None:
+        if on_disk:
+            raise UserError(f"memory at {path} holds {len(on_disk)} shards but no {MANIFEST}: restore {MANIFEST} from a copy, "
+                            f"or move the shards away to start a new memory (writing here would overwrite them)")
+        return
+    known = {s["file"] for s in manifest["shards"]} | set(manifest.get("dropped", []))
+    stray = [f for f in on_disk if f not in known and f != _next_shard(manifest["shards"], manifest.get("dropped", []))]
+    if stray:
+        raise UserError(f"memory at {path}: {MANIFEST} does not list {len(stray)} of its shards ({', '.join(stray[:3])}"
+                        f"{', ...' if len(stray) > 3 else ''}): restore the {MANIFEST} that lists them, or move them away")
 
 
 def _read_manifest(path: Path) -> Optional[dict]:

@@ -1,14 +1,18 @@
 """The run folder's records: append-only predictions, resume, summary and the printed table.
 
-``predictions.jsonl`` holds one JSON line per finished problem, flushed as it completes. A
-killed run can leave a partial last line: readers ignore it and ``repair`` cuts it off, so
-the rerun redoes that problem and writes every id exactly once.
+``predictions.jsonl`` holds one JSON line per finished problem, appended (one ``write`` per
+batch, fsynced) as it completes; a failed write is cut back, so the file holds complete lines
+only. A corrupt or partial line (a killed run's, a flipped byte) is skipped by readers and set
+aside by ``repair`` into ``predictions.jsonl.corrupt``: every valid record around it is kept,
+and the rerun redoes its problem, so every id is written exactly once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,52 +24,93 @@ SUMMARY = "summary.json"
 TIMING_FIELDS = ("seconds",)
 
 
+def _scan(path: Path) -> tuple[list[tuple[int, bytes, dict[str, Any]]], list[tuple[int, bytes]]]:
+    """Split a predictions file into its records ``(line number, raw line, record)`` and its bad
+    lines ``(line number, raw line)``: not UTF-8, not a JSON object, a duplicate id, or a
+    partial last line (no newline: a killed run's)."""
+    good, bad, seen = [], [], set()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            record = None
+            if raw.endswith(b"\n"):
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                    pass
+            key = json.dumps(record["id"]) if isinstance(record, dict) and "id" in record else None
+            if isinstance(record, dict) and (key is None or key not in seen):
+                seen.add(key)
+                good.append((lineno, raw, record))
+            elif raw.strip():
+                bad.append((lineno, raw))
+    return good, bad
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a predictions file (a partial last line is skipped)."""
+    """All valid records of a predictions file; a corrupt or partial line is skipped, not the
+    records after it (``repair`` sets such lines aside)."""
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # partial line of a killed run: redone on resume
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
+    return [record for _, _, record in _scan(path)[0]]
 
 
 def repair(path: str | Path) -> int:
-    """Cut a partial or corrupt tail off a predictions file; returns the records kept."""
+    """Set aside every corrupt or partial line of a predictions file, keeping every valid record
+    (before and after it); returns the records kept.
+
+    The bad lines are appended to ``<file>.corrupt``, each prefixed with its line number, before
+    the file is rewritten without them (atomically), so nothing on disk is lost. Their problems
+    have no record and are redone.
+    """
     path = Path(path)
     if not path.is_file():
         return 0
-    good_bytes, kept = 0, 0
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
+    good, bad = _scan(path)
+    if not bad:
+        return len(good)
+    corrupt = path.with_name(path.name + ".corrupt")
+    lines = b"".join(b"line %d: " % lineno + raw.rstrip(b"\n") + b"\n" for lineno, raw in bad)
+    _append_bytes(corrupt, lines)
+    from lit_latent.memory import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_bytes(b"".join(raw for _, raw, _ in good)))
+    where = ", ".join(str(lineno) for lineno, _ in bad)
+    print(f"warning: {path}: set aside {len(bad)} corrupt or partial line(s) (line {where}) in {corrupt}; "
+          f"kept {len(good)} records; those problems are redone", file=sys.stderr)
+    return len(good)
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    """Append ``data`` with one ``write`` and fsync; on failure (disk full, read-only) cut the
+    file back to its old size, so no partial line is left, and say which file in the error."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):  # a short write: the device is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as e:
             try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(line)
-            kept += 1
-    if good_bytes != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good_bytes)
-    return kept
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
 
 
 def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records durably; keys starting with ``_`` (tensors for callbacks) are not written."""
+    """Append records durably, as one write of complete lines; keys starting with ``_`` (tensors
+    for callbacks) are not written."""
     lines = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    if lines:
+        _append_bytes(Path(path), lines.encode("utf-8"))
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,6 +167,10 @@ def format_table(summary: dict[str, Any]) -> str:
 def write_summary(run_dir: str | Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(records)
     tmp = Path(run_dir) / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(tmp)) from None
     os.replace(tmp, Path(run_dir) / SUMMARY)
     return summary

@@ -293,7 +293,30 @@ def make_reward(cfg: RewardConfig) -> Reward:
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
         raise UserError(f"config key reward.class_path: {cfg.class_path} is not a subclass of lit_latent.rewards.Reward")
     try:
-        return cls(**cfg.kwargs)
+        reward = cls(**cfg.kwargs)
     except TypeError as e:
         raise UserError(f"config key reward.kwargs: {cfg.class_path}: {e}") from None
+    reward.score = _named_failures(reward.score, cfg.class_path)
+    return reward
+
+
+def _named_failures(score, class_path: str):
+    """A custom reward that raises ends the run in one line naming it and the problems scored;
+    their batch is not written, so rerunning with the same run_dir resumes there."""
+    import functools
+
+    @functools.wraps(score)
+    def wrapped(engine, problems, completions):
+        try:
+            return score(engine, problems, completions)
+        except UserError:
+            raise
+        except Exception as e:
+            ids = ", ".join(str(p.get("id")) for p in problems)
+            reason = (str(e).splitlines() or [""])[0]
+            raise UserError(f"config key reward.class_path: {class_path}.score raised {type(e).__name__}: {reason} "
+                            f"(scoring problem {ids}); the finished problems are saved: fix the reward and rerun "
+                            "with the same run_dir=... to resume") from None
+
+    return wrapped
 

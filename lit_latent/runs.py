@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ def prepare_run_dir(cfg: Any) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"config key run_dir: {run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_lock(run_dir, "run_dir")
     saved = run_dir / "config.yaml"
     text = to_yaml(cfg)
     if saved.is_file() and saved.read_text(encoding="utf-8") != text:
@@ -26,6 +28,45 @@ def prepare_run_dir(cfg: Any) -> Path:
         saved.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     saved.write_text(text, encoding="utf-8")
     return run_dir
+
+
+LOCK = "lock"
+# set by the process that holds a folder's lock: the DDP ranks it launches (which inherit the
+# environment) write into the same run, under that lock
+LOCK_HOLDER_ENV = "LIT_LATENT_LOCK_HOLDER"
+_held: dict[Path, int] = {}  # folder -> open lock file descriptor, kept open for the process's life
+
+
+def hold_lock(folder: Path, key: str) -> None:
+    """One writer per folder: an advisory ``flock`` on ``<folder>/lock``, held until this process
+    exits (the kernel releases it then, so a killed run's lock never blocks a resume). A second
+    process refuses in one line naming the folder and the holder's pid; the ranks of a DDP launch
+    accept their launcher's lock. ``key``: the config key that named the folder."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        if holder in os.environ.get(LOCK_HOLDER_ENV, "").split(","):
+            return  # a rank of the launch that holds it
+        raise UserError(f"config key {key}: {folder} is in use by another process (pid {holder}, {path}): "
+                        "wait for it to finish or stop it; one process writes a run folder at a time") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _held[folder] = fd
+    holders = [h for h in os.environ.get(LOCK_HOLDER_ENV, "").split(",") if h]
+    if str(os.getpid()) not in holders:
+        os.environ[LOCK_HOLDER_ENV] = ",".join(holders + [str(os.getpid())])
 
 
 def quiet_lightning() -> None:
@@ -92,6 +133,11 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only folder, permission denied: the path and the reason
+        first = _first_os_error(e)
+        where = f"{first.filename}: " if first.filename else ""
+        print(f"error: {where}{first.strerror or first}", file=sys.stderr)
+        return 1
     except StopRequested as e:
         print(f"stopped on {e}: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
         return 130
@@ -99,3 +145,14 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
         print("interrupted: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _first_os_error(e: OSError) -> OSError:
+    """The failure that started it: a full disk fails the first write (ours, naming its file),
+    then the loggers' flushes during the shutdown (which name none)."""
+    chain, seen = [], e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            chain.append(seen)
+        seen = seen.__context__
+    return next((x for x in reversed(chain) if x.filename), e)

@@ -416,6 +416,22 @@ def _seeded(seed: int) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """``path`` loads and holds what ``Trainer.fit(ckpt_path=...)`` resumes from."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and {"state_dict", "loops", "optimizer_states"} <= ckpt.keys()
+
+
 def _resume_checkpoint(
     ckpt_dir: Path, cfg: WeaverConfig, n: int, seed: int, hidden_size: int, model_id: str, e_size: int, latent_count: int
 ) -> Optional[str]:
@@ -423,7 +439,12 @@ def _resume_checkpoint(
     key = {"weaver": dataclasses.asdict(cfg), "entries": n, "seed": seed, "hidden_size": hidden_size,
            "model_id": str(model_id), "e_size": e_size, "latent_count": latent_count}
     stamp, last = ckpt_dir / "fit.json", ckpt_dir / "last.ckpt"
-    resumable = last.is_file() and stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == key
+    resumable = last.is_file() and stamp.is_file() and _read_json(stamp) == key
+    if resumable and not _readable_checkpoint(last):  # every rank reads it: the same decision
+        # a truncated or foreign last.ckpt would stop every later fit: this one starts over instead
+        if rank_zero_only.rank == 0:
+            print(f"warning: {last} is truncated or not a Lightning checkpoint: starting the fit afresh")
+        resumable = False
     if rank_zero_only.rank != 0:  # DDP ranks started by rank 0's launcher: same decision, hands off the folder
         return str(last) if resumable else None
     if not resumable:

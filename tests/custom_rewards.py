@@ -54,3 +54,15 @@ class IdReward(Reward):
 
     def score(self, engine, problems, completions):
         return Scores([1.0 if p["id"] in self.good else 0.0 for p in problems], [0] * len(problems))
+
+
+class RaisesOn(Reward):
+    """Scores like the verifier, and raises while scoring problem ``bad`` (a reward with a bug)."""
+
+    def __init__(self, bad: str):
+        self.bad = bad
+
+    def score(self, engine, problems, completions):
+        if any(p["id"] == self.bad for p in problems):
+            raise KeyError("answer_key")
+        return Scores([0.0] * len(problems), [0] * len(problems))
