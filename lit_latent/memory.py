@@ -46,11 +46,12 @@ class Neighbours:
     ids: list[str]
     answers: Optional[list[Tensor]] = None  # [L_j, d] each: the latents of the answer the search found ([0, d]: none)
     iterations: Optional[list[int]] = None  # the iterations the search that found it spent
+    scores: Optional[list[float]] = None
 
     def to(self, device) -> "Neighbours":
         answers = None if self.answers is None else [a.to(device) for a in self.answers]
         return Neighbours(self.e.to(device), self.z_base.to(device), self.z_star.to(device), self.similarity.to(device), self.ids,
-                          answers, self.iterations)
+                          answers, self.iterations, self.scores)
 
 
 def check_labels(made_with_labels: Optional[bool], run_uses_labels: bool, key: str, where) -> None:
@@ -269,7 +270,7 @@ class EpisodicMemory:
         return Neighbours(
             self._e.view().index_select(0, index), self._z_base.view().index_select(0, index),
             self._z_star.view().index_select(0, index), sims, [self._ids[i] for i in rows],
-            [self._answers[i] for i in rows], [self._iterations[i] for i in rows],
+            [self._answers[i] for i in rows], [self._iterations[i] for i in rows], [self._scores[i] for i in rows],
         )
 
     # --- writing -------------------------------------------------------------------------------

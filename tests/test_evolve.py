@@ -469,7 +469,8 @@ def test_a_recurring_problem_retrieves_its_earlier_occurrence_first_and_starts_f
 
 
 @pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
-def test_a_recalled_search_has_only_the_iterations_its_earlier_search_left(tiny_model, char_tokenizer):
+def test_a_recalled_search_has_only_the_iterations_its_earlier_search_left(tiny_model, char_tokenizer, monkeypatch):
+    from lit_latent.methods import latentevolve
     from lit_latent.methods.latentevolve import latent_evolve
 
     cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
@@ -485,6 +486,12 @@ def test_a_recalled_search_has_only_the_iterations_its_earlier_search_left(tiny_
     with torch.enable_grad():
         [again] = latent_evolve(engine, [dict(problem, id="q1-again")], PaysByCount(lambda n: False), cfg.evolve, memory)
     assert again["recalled"] == "q1" and again["generations"] == 0  # nothing left to search: its best answer stands
+    # another prompt (the tiny model's e cannot tell these apart: the bar is raised out of reach) is
+    # not given an answer whose search failed: it starts from its own CoT with a whole K
+    monkeypatch.setattr(latentevolve, "SAME_PROMPT", 2.0)
+    with torch.enable_grad():
+        [other] = latent_evolve(engine, [dict(problem, id="q2", problem="What is 9 + 7?")], PaysByCount(lambda n: False), cfg.evolve, memory)
+    assert "recalled" not in other and other["neighbours"] == ["q1"] and other["iterations"] == 4
 
 
 def test_answer_archive_and_recall_need_the_greedy_search():

@@ -178,6 +178,12 @@ def starting_latents(e, z_base, usable, records, found, weaver) -> list[torch.Te
     return starts
 
 
+SAME_PROMPT = 0.99999
+"""Cosine of ``e`` from which a recalled entry is the same prompt: a verbatim repeat measures at
+least 0.9999994 on the embedded model (rounding with other batch rows), two different problems
+of its held-out file at most 0.99975."""
+
+
 def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: EvolveConfig, memory, weaver) -> list[dict]:
     """The daytime with LatentSeek's greedy search (evolve.samples=1), from LatentEvolve's start."""
     n, count_of = len(problems), cfg.latent_count
@@ -188,9 +194,12 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
     e = state.last.float()
     found = neighbours(memory, e, problems, cfg.top_k)
     # 1. evolve.recall: a problem whose nearest memory is that similar and holds an answer is that
-    # problem met again; its initial answer is the remembered answer's prefix, finished by the model
+    # problem met again; its initial answer is the remembered answer's prefix, finished by the model.
+    # An answer whose search failed is recalled only by the same prompt: a reworded problem may
+    # well be solved by a search of its own (and the memory has nothing better to give it)
     recalled = {i: nb for i, nb in enumerate(found or []) if cfg.recall is not None and nb.ids and nb.answers
-                and float(nb.similarity[0]) >= cfg.recall and len(nb.answers[0])}
+                and float(nb.similarity[0]) >= cfg.recall and len(nb.answers[0])
+                and (nb.scores[0] >= threshold or float(nb.similarity[0]) >= SAME_PROMPT)}
     prefixes = [decode_latents(engine.lm_head, recalled[i].answers[0]) if i in recalled else [] for i in range(n)]
     # 2. the others' initial answer: the greedy CoT, with e and z_base; every initial answer is scored
     first = engine.generate(prompts, prefixes=prefixes, return_hidden=True, prompt_state=cached)
@@ -221,7 +230,11 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
         behind[i] = [z.detach().clone()]
         if not size or scores.rewards[i] >= threshold:
             continue
-        spent = recalled[i].iterations[0] if i in recalled else 0  # the remembered search's iterations count
+        # the remembered search's iterations are spent only for the same prompt (the search is
+        # deterministic: it would run again as it ran); a reworded one searches on from the
+        # remembered answer with a whole K
+        same = i in recalled and float(recalled[i].similarity[0]) >= SAME_PROMPT
+        spent = recalled[i].iterations[0] if same else 0
         seeking[i] = Seeking(original=first.tokens[i][:size], reward=scores.rewards[i], anchor=scores.rewards[i], steps=spent)
         if seeking[i].steps >= cfg.max_steps:
             continue
