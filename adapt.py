@@ -1,6 +1,7 @@
 """Test-time adaptation of a frozen LLM's latents: ``Trainer.predict`` over a problem set.
 
-    python adapt.py                                    # configs/latentseek.yaml: self-reward, embedded model
+    python adapt.py                                    # configs/latentseek_anchored.yaml: our best method, embedded model
+    python adapt.py --config configs/latentseek_paper.yaml   # the paper's LatentSeek
     python adapt.py --config configs/cot.yaml data.limit=100
     python adapt.py reward.kind=verifier data.path=../shared/data/gsm8k_test.jsonl \\
         model.path=/models/Qwen2.5-7B-Instruct model.dtype=bfloat16 trainer.accelerator=gpu
@@ -21,7 +22,7 @@ from lit_latent.cli import help_text, load_config, parse_args
 from lit_latent.config import AdaptConfig, UserError
 from lit_latent.runs import GracefulStop, prepare_run_dir, quiet_lightning, run_entry_point
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek_anchored.yaml"  # our best method (docs/equal-budgets.md)
 
 
 def main(argv: list[str]) -> dict:

@@ -23,6 +23,9 @@ bundled problems:
   and no nights); only the split's problems are reported.
 * ``latentevolve_own_edit``: the same stream with ``evolve.archive=own_edit`` (each problem's
   own refinement is archived, not the offsets its start inherited).
+* ``latentevolve_anchored``: ``configs/latentevolve_anchored.yaml`` as one stream (the anchored
+  search by day, the answer archive and recall); ``latentevolve_anchored_memory_off`` the same
+  config with nothing archived, on the split's problems alone (nothing carries over).
 
 Runs go to ``--out`` (default ``runs/equal_budgets``), one folder each; a folder that exists
 resumes (adapt.py writes each problem as it finishes). Then ``python -m lit_latent.report``
@@ -58,8 +61,12 @@ RUNS = {
     "latentevolve": EVOLVE,
     "latentevolve_memory_off": EVOLVE + ["evolve.archive_threshold=2"],
     "latentevolve_own_edit": EVOLVE + ["evolve.archive=own_edit"],
+    "latentevolve_anchored": ["--config", "configs/latentevolve_anchored.yaml"],
+    "latentevolve_anchored_memory_off": ["--config", "configs/latentevolve_anchored.yaml", "evolve.archive_threshold=2"],
 }
-STREAMS = ("latentevolve", "latentevolve_memory_off", "latentevolve_own_edit")  # run from problem 1: the memory needs the past
+# run from problem 1: the memory needs the past (the anchored memory-off run carries nothing from one
+# problem to the next, no nights either, so it runs on the split alone)
+STREAMS = ("latentevolve", "latentevolve_memory_off", "latentevolve_own_edit", "latentevolve_anchored")
 
 
 def run(name: str, split: str, out: Path) -> Path:

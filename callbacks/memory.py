@@ -48,6 +48,8 @@ class MemoryCallback(Callback):
                 torch.stack([r["_archive"]["z_star"] for r in keep]),
                 [float(r["_archive"]["score"]) for r in keep],
                 [r["id"] for r in keep],
+                [r["_archive"].get("answer") for r in keep],  # evolve.archive=answer: the answer found, its iterations
+                [r["_archive"].get("iterations", 0) for r in keep],
                 pending=True,  # until the writer has the batch's records on disk
             )
 

@@ -128,7 +128,7 @@ class GenerationConfig:
 
 
 ANSWERS = ("last", "best", "sample")
-ARCHIVES = ("z_star", "own_edit")
+ARCHIVES = ("z_star", "own_edit", "answer")
 
 
 @dataclass
@@ -152,6 +152,13 @@ class SearchConfig:
     answer: str = "last"
     """The answer: last (the papers: LatentSeek's last candidate, LatentEvolve's greedy answer from the last step's latents), best (the highest-reward candidate, earliest on ties, the initial one included; LatentEvolve: greedy from the step with the best mean reward) or sample (LatentEvolve: the highest-reward output sampled at any step)."""
 
+    reanchor: bool = False
+    """After a new candidate that scores at least as well as the one the latents were last anchored to (at first the initial answer), the latents become that candidate's (the kept prefix's, then the model's states behind the regenerated tokens) and Adam restarts: edits build on each other and the loss covers the scored tokens. For regenerate_after_first_change; greedy candidates (samples=1) only."""
+    edit_from: str = "start"
+    """Which of the L latents are optimized: start (all, the paper) or first_failing_line (only those from the first line the reward's own verdicts fail, e.g. reward.scheme=recompute; the chain before it stays as it is; a reward that cannot tell edits from the start); greedy candidates (samples=1) only."""
+    loss_tokens: str = "decoded"
+    """Which tokens the greedy policy-gradient loss covers: decoded (what all optimized latents decode to, the paper) or scored (only those of the last candidate's kept prefix: with regenerate_after_first_change, the latents after its first change were not scored)."""
+
     def check(self, section: str) -> None:
         _positive(f"{section}.lr", self.lr)
         if self.rho is not None and not 0 < self.rho <= 1:
@@ -162,6 +169,12 @@ class SearchConfig:
         if self.answer == "final":
             raise UserError(f"config key {section}.answer: 'final' is now called 'last' (one of {', '.join(ANSWERS)})")
         _one_of(f"{section}.answer", self.answer, ANSWERS)
+        _one_of(f"{section}.edit_from", self.edit_from, ("start", "first_failing_line"))
+        _one_of(f"{section}.loss_tokens", self.loss_tokens, ("decoded", "scored"))
+        if self.edit_from != "start" and self.samples != 1:
+            raise UserError(f"config key {section}.edit_from: edits greedy candidates; it needs {section}.samples=1 (got {self.samples})")
+        if self.reanchor and self.samples != 1:
+            raise UserError(f"config key {section}.reanchor: anchors greedy candidates; it needs {section}.samples=1 (got {self.samples})")
 
 
 @dataclass
@@ -172,12 +185,6 @@ class LatentConfig(SearchConfig):
     """L_max, the cap on optimized latents (paper: 300)."""
     max_iterations: int = 10
     """K, policy-gradient iterations per problem (paper: 10)."""
-    reanchor: bool = False
-    """After a new candidate that scores at least as well as the one the latents were last anchored to (at first the initial answer), the latents become that candidate's (the kept prefix's, then the model's states behind the regenerated tokens) and Adam restarts: edits build on each other and the loss covers the scored tokens. For regenerate_after_first_change."""
-    edit_from: str = "start"
-    """Which of the L latents are optimized: start (all, the paper) or first_failing_line (only those from the first line the reward's own verdicts fail, e.g. reward.scheme=recompute; the chain before it stays as it is; a reward that cannot tell edits from the start)."""
-    loss_tokens: str = "decoded"
-    """Which tokens the greedy policy-gradient loss covers: decoded (what all optimized latents decode to, the paper) or scored (only those of the last candidate's kept prefix: with regenerate_after_first_change, the latents after its first change were not scored)."""
     free_repeats: int = 0
     """Iterations whose candidate repeats one the problem tried before (nothing new generated) that do not count toward K; 0: every iteration counts (the paper)."""
 
@@ -188,12 +195,6 @@ class LatentConfig(SearchConfig):
         _positive("latent.max_latents", self.max_latents)
         _positive("latent.max_iterations", self.max_iterations, allow_zero=True)
         _positive("latent.free_repeats", self.free_repeats, allow_zero=True)
-        _one_of("latent.edit_from", self.edit_from, ("start", "first_failing_line"))
-        _one_of("latent.loss_tokens", self.loss_tokens, ("decoded", "scored"))
-        if self.edit_from != "start" and self.samples != 1:
-            raise UserError(f"config key latent.edit_from: edits greedy candidates; it needs latent.samples=1 (got {self.samples})")
-        if self.reanchor and self.samples != 1:
-            raise UserError(f"config key latent.reanchor: anchors greedy candidates; it needs latent.samples=1 (got {self.samples})")
         if self.answer == "sample":
             raise UserError("config key latent.answer: 'sample' is LatentEvolve's; LatentSeek's candidates are "
                             "already the best sample of each step (use best)")
@@ -243,13 +244,19 @@ class EvolveConfig(SearchConfig):
     max_steps: int = 10
     """K: refinement steps at most (paper: 10)."""
     patience: int = 3
-    """Stop once the mean reward has not improved for this many steps (paper: 3)."""
+    """Stop once the mean reward has not improved for this many steps (paper: 3); the sampled search (samples > 1) only."""
     archive_threshold: float = 0.5
     """tau: archive (e, z_base, z*) when the final mean reward >= tau (paper: 0.5)."""
     archive: str = "z_star"
     """What is archived as z*: z_star (the paper: the latents found, which include the start's
-    transferred offset) or own_edit (z_base plus only this problem's own refinement, z* - z_0, so
-    that transferred offsets do not compound along a stream)."""
+    transferred offset), own_edit (z_base plus only this problem's own refinement, z* - z_0, so
+    that transferred offsets do not compound along a stream) or answer (samples=1: the latents
+    behind the answer chosen, the whole of them kept beside z* = their first L', with the
+    iterations the search spent, so that the problem met again can start from that answer)."""
+    recall: Optional[float] = None
+    """samples=1: a problem whose nearest memory has at least this cosine similarity and holds an
+    answer (archive=answer) is that problem met again: its initial answer is the remembered one,
+    and its search goes on from it with the iterations the remembered search left (null: never)."""
     night_every: int = 200
     """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
 
@@ -259,6 +266,13 @@ class EvolveConfig(SearchConfig):
             _positive(f"evolve.{name}", getattr(self, name))
         _positive("evolve.night_every", self.night_every, allow_zero=True)
         _one_of("evolve.archive", self.archive, ARCHIVES)
+        if self.archive == "answer" and self.samples != 1:
+            raise UserError(f"config key evolve.archive: answer archives the greedy search's answer; it needs evolve.samples=1 (got {self.samples})")
+        if self.recall is not None:
+            if self.samples != 1:
+                raise UserError(f"config key evolve.recall: recalls into the greedy search; it needs evolve.samples=1 (got {self.samples})")
+            if not -1 <= self.recall <= 1:
+                raise UserError(f"config key evolve.recall: a cosine similarity in [-1, 1] or null, got {self.recall}")
 
 
 @dataclass

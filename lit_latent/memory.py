@@ -1,7 +1,10 @@
-"""LatentEvolve's episodic memory: entries ``(e, z_base, z*, score, problem id)`` on disk and in RAM.
+"""LatentEvolve's episodic memory: entries ``(e, z_base, z*, score, problem id)`` on disk and in RAM,
+and, where the day search archived what it found (``evolve.archive=answer``), the latents of the
+answer it found and the iterations its search spent.
 
 On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_base`` and
-``z_star [n, L', d]``) plus ``manifest.json`` (model id, latent size ``d`` under the key
+``z_star [n, L', d]``; with answers also ``answer [sum of lengths, d]``, ``answer_length [n]``
+and ``iterations [n]``) plus ``manifest.json`` (model id, latent size ``d`` under the key
 ``hidden_size``, latent count, the rewards its entries were scored by and whether any of them
 uses gold labels, and per shard its problem ids and scores). ``d`` is ``lm_head``'s input size
 (``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT).
@@ -49,9 +52,14 @@ class Neighbours:
     z_star: Tensor  # [k, L', d]
     similarity: Tensor  # [k], cosine
     ids: list[str]
+    answers: Optional[list[Tensor]] = None  # [L_j, d] each: the latents of the answer the search found ([0, d]: none)
+    iterations: Optional[list[int]] = None  # the iterations the search that found it spent
+    scores: Optional[list[float]] = None
 
     def to(self, device) -> "Neighbours":
-        return Neighbours(self.e.to(device), self.z_base.to(device), self.z_star.to(device), self.similarity.to(device), self.ids)
+        answers = None if self.answers is None else [a.to(device) for a in self.answers]
+        return Neighbours(self.e.to(device), self.z_base.to(device), self.z_star.to(device), self.similarity.to(device), self.ids,
+                          answers, self.iterations, self.scores)
 
 
 def check_labels(made_with_labels: Optional[bool], run_uses_labels: bool, key: str, where) -> None:
@@ -143,6 +151,8 @@ class EpisodicMemory:
         self._shards: list[dict] = []  # manifest entries
         self._dropped: list[str] = []  # shard files a resume dropped (pending entries without a record)
         self._e, self._e_unit, self._z_base, self._z_star = _Rows(), _Rows(), _Rows(), _Rows()
+        self._answers: list[Tensor] = []  # per entry, [L, d] ([0, d]: no answer archived)
+        self._iterations: list[int] = []
         self._faiss_index = None
         if backend == "faiss":
             try:
@@ -188,7 +198,7 @@ class EpisodicMemory:
             if shard.get("pending") and recorded is None:
                 self._shards.append(entry)  # a running (or killed) adapt run's: not ours to settle
                 continue
-            e, z_base, z_star = self._load_shard(shard["file"], shard.get("sha256"), ids, scores)
+            e, z_base, z_star, answers, iterations = self._load_shard(shard["file"], shard.get("sha256"), ids, scores)
             if shard.get("pending"):
                 settled = True
                 keep = [j for j, pid in enumerate(ids) if pid in recorded]
@@ -196,10 +206,11 @@ class EpisodicMemory:
                     self._dropped.append(shard["file"])
                     if keep:  # (a record set aside as corrupt): the others are archived again below
                         rows = torch.tensor(keep)
-                        readd.append((e[rows], z_base[rows], z_star[rows], [scores[j] for j in keep], [ids[j] for j in keep]))
+                        readd.append((e[rows], z_base[rows], z_star[rows], [scores[j] for j in keep], [ids[j] for j in keep],
+                                      [answers[j] for j in keep], [iterations[j] for j in keep]))
                     continue
                 entry.pop("pending")
-            self._append(e, z_base, z_star, scores, ids)
+            self._append(e, z_base, z_star, scores, ids, answers, iterations)
             self._shards.append(entry)
         if settled:
             dropped = [f for f in self._dropped if (self.path / f).exists()]
@@ -225,6 +236,7 @@ class EpisodicMemory:
         try:
             tensors = load_bytes(data)
             e, z_base, z_star = tensors["e"], tensors["z_base"], tensors["z_star"]
+            answers, iterations = _answers_of(tensors, len(ids), self.hidden_size)
         except Exception as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise UserError(f"memory at {self.path}: shard {name} is unreadable or truncated ({reason})") from None
@@ -232,7 +244,7 @@ class EpisodicMemory:
         shapes = (tuple(e.shape), tuple(z_base.shape), tuple(z_star.shape))
         if len(scores) != len(ids) or shapes != ((len(ids), self.e_size), expected, expected):
             raise UserError(f"memory at {self.path}: shard {name} does not match {MANIFEST} (shapes or entry count)")
-        return e, z_base, z_star
+        return e, z_base, z_star, answers, iterations
 
     def _write_manifest(self, shards: list[dict], **fields) -> None:
         manifest = {
@@ -321,17 +333,22 @@ class EpisodicMemory:
             e, z_base, z_star = self.tensors()
             return Neighbours(e, z_base, z_star, sims, [])
         # index_select, not x[index]: advanced indexing of the 3-D buffers costs O(N) here
+        rows = index.tolist()
         return Neighbours(
             self._e.view().index_select(0, index), self._z_base.view().index_select(0, index),
-            self._z_star.view().index_select(0, index), sims, [self._ids[i] for i in index.tolist()],
+            self._z_star.view().index_select(0, index), sims, [self._ids[i] for i in rows],
+            [self._answers[i] for i in rows], [self._iterations[i] for i in rows], [self._scores[i] for i in rows],
         )
 
     # --- writing -------------------------------------------------------------------------------
 
     def add(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], problem_ids: list[str],
+            answers: Optional[Sequence[Optional[Tensor]]] = None, iterations: Optional[Sequence[int]] = None,
             pending: bool = False) -> None:
         """Archive a batch ``e [B, D]``, ``z_base``/``z_star [B, L', d]`` as one new shard; known ids are skipped.
-        ``pending``: the batch's records are not written yet (``commit`` once they are)."""
+        ``answers[b]``: the latents ``[L_b, d]`` of the answer the search found (None: none);
+        ``iterations[b]``: the iterations that search spent. ``pending``: the batch's records are not
+        written yet (``commit`` once they are)."""
         n = len(problem_ids)
         if e.dim() != 2 or z_base.dim() != 3 or z_base.shape != z_star.shape or not (len(e) == len(z_base) == len(scores) == n):
             raise ValueError(
@@ -359,6 +376,12 @@ class EpisodicMemory:
         rows = torch.tensor(keep)
         e, z_base, z_star = (x.detach().cpu().float()[rows].contiguous() for x in (e, z_base, z_star))
         ids, scores = [ids[i] for i in keep], [float(scores[i]) for i in keep]
+        none = torch.empty(0, self.hidden_size)
+        answers = [none if answers is None or answers[i] is None else answers[i].detach().cpu().float().reshape(-1, self.hidden_size)
+                   for i in keep]
+        iterations = [0 if iterations is None else int(iterations[i]) for i in keep]
+        found = {"answer": torch.cat(answers).contiguous(), "answer_length": torch.tensor([len(a) for a in answers]),
+                 "iterations": torch.tensor(iterations)} if any(len(a) for a in answers) else {}
         e_size, latent_count = e.shape[1], z_base.shape[1]
         rewards = self.rewards + [self.reward] if self.reward and self.reward not in self.rewards else self.rewards
         # labels once used stay recorded; "no labels" only when every writer said so
@@ -371,7 +394,7 @@ class EpisodicMemory:
                 self._write_manifest([])
             # numbering continues after every shard the manifest knows; the unlisted leftover of a crash is overwritten
             name = _next_shard(self._shards, self._dropped)
-            data = save_bytes({"e": e, "z_base": z_base, "z_star": z_star})
+            data = save_bytes({"e": e, "z_base": z_base, "z_star": z_star, **found})
             write_atomic(self.path / name, lambda tmp: tmp.write_bytes(data))
             shard = {"file": name, "ids": ids, "scores": scores, "sha256": hashlib.sha256(data).hexdigest()}
             shards = self._shards + [shard | {"pending": True} if pending else shard]
@@ -380,10 +403,13 @@ class EpisodicMemory:
         # RAM changes only once the manifest is on disk
         self.e_size, self.latent_count = e_size, latent_count
         self.rewards, self._uses_labels = rewards, uses_labels
-        self._append(e, z_base, z_star, scores, ids)
+        self._append(e, z_base, z_star, scores, ids, answers, iterations)
 
-    def _append(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], ids: list[str]) -> None:
+    def _append(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], ids: list[str],
+                answers: list[Tensor], iterations: list[int]) -> None:
         unit = _normalise(e)
+        self._answers.extend(answers)
+        self._iterations.extend(iterations)
         self._e.append(e)
         self._e_unit.append(unit)
         self._z_base.append(z_base)
@@ -424,6 +450,16 @@ def _check_shards(path: Path, manifest: Optional[dict]) -> None:
     if stray:
         raise UserError(f"memory at {path}: {MANIFEST} does not list {len(stray)} of its shards ({', '.join(stray[:3])}"
                         f"{', ...' if len(stray) > 3 else ''}): restore the {MANIFEST} that lists them, or move them away")
+
+
+def _answers_of(tensors: dict[str, Tensor], n: int, d: int) -> tuple[list[Tensor], list[int]]:
+    """A shard's answers (``[0, d]`` each where it holds none) and iterations."""
+    if "answer" not in tensors:
+        return [torch.empty(0, d) for _ in range(n)], [0] * n
+    lengths = tensors["answer_length"].tolist()
+    if len(lengths) != n or sum(lengths) != len(tensors["answer"]):
+        raise ValueError(f"answer lengths {sum(lengths)} do not match the {len(tensors['answer'])} answer rows")
+    return list(torch.split(tensors["answer"], lengths)), [int(i) for i in tensors["iterations"].tolist()]
 
 
 def _read_manifest(path: Path) -> Optional[dict]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lit_latent.latents import baseline_value, decode_latents, policy_loss, sample_latents, token_log_probs
-from lit_latent.records import numerical_error
+from lit_latent.records import add_candidate, numerical_error
 
 Prefix = tuple[int, ...]
 
@@ -54,6 +54,30 @@ class Scored:
     """With ``hidden``: the model's states behind the tokens it generated after the prefix (None for a reused one)."""
     details: list[Optional[dict]]
     """The reward's details of each (its verdicts; None for a reused one or a reward without)."""
+
+
+@dataclass
+class Seeking:
+    """One problem's greedy search so far (``LatentSearch.greedy_step``)."""
+
+    original: list[int]
+    """The tokens a decoded prefix is compared with: the initial answer's (with reanchor, the anchor's)."""
+    reward: float
+    """The latest candidate's reward (at first, the initial answer's)."""
+    anchor: float
+    """reanchor: the reward of the candidate the latents were last anchored to."""
+    steps: int = 0
+    """Iterations run."""
+    repeats: int = 0
+    """Iterations whose candidate was tried before."""
+    start: int = 0
+    """The first latent optimized (edit_from)."""
+    scored_end: Optional[int] = None
+    """loss_tokens=scored: the last candidate's kept prefix length (None: all the latents)."""
+
+    def counted(self, free_repeats: int) -> int:
+        """Iterations that count toward K: up to ``free_repeats`` repeats do not."""
+        return self.steps - min(self.repeats, free_repeats)
 
 
 class LatentSearch:
@@ -124,6 +148,12 @@ class LatentSearch:
         anchored = torch.cat([z[:kept], after.to(z)])[: z.shape[0]]
         self.retire([i])
         self.add(i, anchored)
+
+    def edit_start(self, edit_from: str, tokens: list[int], text: str, details, count: int) -> int:
+        """The first latent to optimize: 0, or (edit_from=first_failing_line) the token where the
+        line the reward's own verdicts fail starts, so the latents before it stay put."""
+        flaw = self.reward.first_flaw(text, details) if edit_from == "first_failing_line" else None
+        return 0 if flaw is None else min(self.engine.token_at(tokens, flaw), count - 1)
 
     # --- losses ---------------------------------------------------------------------------
 
@@ -207,3 +237,31 @@ class LatentSearch:
             results[i] = Samples([x for _, x in rows[mine]], scored.texts[mine], q, sum(scored.tokens[mine]), sum(scored.generated[mine]))
             losses[i] = self.samples_loss(i, results[i].prefixes, q, baseline_value(baseline, q), temperature)
         return results, losses
+
+    def greedy_step(self, active: Sequence[int], seeking: dict[int, Seeking], cfg, cut: Callable[[int, list[int]], list[int]],
+                    prompts, problems, state) -> list[int]:
+        """LatentSeek's iteration for each active problem: REINFORCE on the tokens its latents
+        decode to (reward - 1: push away from them), one Adam step, then a new candidate from the
+        decoded prefix (``cut`` may shorten it), scored and added to its record. ``cfg``: the
+        search's ``loss_tokens``, ``reanchor`` and ``edit_from``. Returns the problems still healthy."""
+        active = self.step({i: self.greedy_loss(i, seeking[i].reward - 1.0, seeking[i].start, seeking[i].scored_end) for i in active})
+        rows = [(i, tuple(cut(i, self.decode(i)))) for i in active]
+        scored = self.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
+        for k, (i, prefix) in enumerate(rows):
+            r, p = scored.rewards[k], seeking[i]
+            if numerical_error(self.records[i], "reward", r):
+                continue  # the problem keeps its last good candidate
+            p.reward = r
+            p.repeats += not scored.generated[k]
+            if cfg.loss_tokens == "scored":
+                p.scored_end = len(prefix)
+            add_candidate(self.records[i], problems[i], scored.texts[k], scored.tokens[k], r,
+                          self.engine.describe_latents(self.latents[i]), int(scored.generated[k]))
+            if cfg.reanchor and scored.generated[k] and r >= p.anchor:
+                # reanchor: the next edit starts from this candidate, the loss covers its tokens
+                p.anchor = r
+                self.reanchor(i, len(prefix), scored.after[k])
+                p.scored_end = None  # the anchored latents decode to the scored candidate
+                p.original = self.decode(i)
+                p.start = self.edit_start(cfg.edit_from, p.original, scored.texts[k], scored.details[k], len(p.original))
+        return active

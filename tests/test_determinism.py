@@ -14,7 +14,8 @@ METHODS = {
     "self_consistency": ["method=self_consistency", "generation.num_samples=3"],
     "best_of_n": ["method=best_of_n", "generation.num_samples=3"],
     "latentseek": ["method=latentseek"],
-    "latentseek_samples": ["method=latentseek", "latent.samples=3"],
+    # the default config edits greedy candidates (edit_from, reanchor): sampling needs them off
+    "latentseek_samples": ["method=latentseek", "latent.samples=3", "latent.edit_from=start", "latent.reanchor=false"],
     "latentevolve": ["method=latentevolve", "evolve.samples=2", "evolve.max_steps=2", "evolve.latent_count=2",
                      "evolve.archive_threshold=0.0", "evolve.night_every=3", "weaver.max_epochs=2"],
 }

@@ -15,7 +15,7 @@ from lit_latent.config import AdaptConfig, EvolveConfig, GenerationConfig, UserE
 from lit_latent.data import ProblemDataModule
 from lit_latent.engine import Engine
 from lit_latent.module import LatentAdaptationModule
-from lit_latent.latents import momentum_init
+from lit_latent.latents import decode_latents, momentum_init
 from lit_latent.memory import EpisodicMemory
 from lit_latent.results import read_records
 from lit_latent.runs import run_entry_point
@@ -400,3 +400,105 @@ def test_archive_own_edit_leaves_out_what_the_start_inherited(tiny_model, char_t
         assert float((o["z_star"] - o["z_base"]).abs().max()) > 1e-3  # the problem's own edit is kept
     with pytest.raises(UserError, match="evolve.archive"):
         EvolveConfig(archive="everything")
+
+
+# --- the anchored day search (evolve.samples=1), the answer archive and recall ---------------------
+
+def anchored(**evolve) -> dict:
+    return {**dict(samples=1, max_steps=4, stop_threshold=0.8, answer="best", archive="answer"), **evolve}
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_a_passing_refinement_archives_the_latents_behind_its_answer(tiny_model, char_tokenizer, tmp_path):
+    # the CoT and the first candidate fail, the second passes: what is archived must be what led
+    # to that answer (latents that decode to its prefix) and the iterations spent, not z_base
+    records = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n >= 3), **anchored(reanchor=True))
+    head = tiny_model.get_output_embeddings()
+    memory = EpisodicMemory(tmp_path / "mem", "tiny", 32)
+    from callbacks.memory import MemoryCallback
+
+    MemoryCallback(memory, threshold=0.5).on_predict_batch_end(None, None, records, None, 0)
+    for r in records:
+        assert r["rewards"] == [0.0, 0.0, 1.0] and r["chosen_candidate"] == 2 and r["archived"]
+        found = r["_archive"]["answer"]
+        passing = r["candidates"][1]["output"]
+        decoded = char_tokenizer.decode(decode_latents(head, found))
+        assert len(decoded) > 0 and passing.startswith(decoded)  # the reanchored latents decode to the passing answer
+        torch.testing.assert_close(r["_archive"]["z_star"], found[:3])
+        assert r["_archive"]["iterations"] == 2
+    # the memory keeps them, and gives them back on retrieval
+    reopened = EpisodicMemory.open(tmp_path / "mem")
+    nb = reopened.search(records[0]["_archive"]["e"], 1)[0]
+    assert nb.ids == [records[0]["id"]] and nb.iterations == [2]
+    torch.testing.assert_close(nb.answers[0], records[0]["_archive"]["answer"])
+    # a search without the answer archive (the paper's rule) stores no answer
+    plain = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n >= 3), **anchored(archive="z_star"))
+    assert all("answer" not in r["_archive"] for r in plain)
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_a_recurring_problem_retrieves_its_earlier_occurrence_first_and_starts_from_its_answer(tiny_model, char_tokenizer, tmp_path):
+    from lit_latent.methods.latentevolve import latent_evolve
+
+    cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.evolve = EvolveConfig(latent_count=3, top_k=2, night_every=0, lr=0.5, recall=0.999, **anchored(reanchor=True))
+    engine = Engine(tiny_model, char_tokenizer, cfg)
+    problems = [{"id": f"q{i}", "problem": f"What is {i} + {3 * i}?", "answer": str(4 * i), "choices": None} for i in range(1, 4)]
+    memory = EpisodicMemory(None, "tiny", 32)
+    reward = PaysByCount(lambda n: n >= 3)  # per problem id: the CoT and the first candidate fail
+    with torch.enable_grad():
+        first = latent_evolve(engine, problems, reward, cfg.evolve, memory)
+    for r in first:
+        a = r["_archive"]
+        memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], [r["id"]], [a["answer"]], [a["iterations"]])
+    # the same problems again under new ids, in another order: found by their content
+    again = [dict(p, id=f"{p['id']}-again") for p in reversed(problems)]
+    with torch.enable_grad():
+        second = latent_evolve(engine, again, PaysByCount(lambda n: True), cfg.evolve, memory)
+    for p, r in zip(again, second):
+        earlier = p["id"].removesuffix("-again")
+        assert r["neighbours"][0] == earlier and r["recalled"] == earlier
+        # its initial answer is the answer its earlier occurrence found, with no search on top
+        assert r["initial_output"] == next(f["output"] for f in first if f["id"] == earlier)
+        assert r["generations"] == 0 and r["correct"] == next(f["correct"] for f in first if f["id"] == earlier)
+    # below the recall similarity, the greedy CoT and a search as usual
+    cfg.evolve.recall = None
+    with torch.enable_grad():
+        fresh = latent_evolve(engine, again, PaysByCount(lambda n: n >= 3), cfg.evolve, memory)
+    assert all("recalled" not in r and r["generations"] == 2 for r in fresh)
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_a_recalled_search_has_only_the_iterations_its_earlier_search_left(tiny_model, char_tokenizer, monkeypatch):
+    from lit_latent.methods import latentevolve
+    from lit_latent.methods.latentevolve import latent_evolve
+
+    cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.evolve = EvolveConfig(latent_count=3, top_k=1, night_every=0, lr=0.5, recall=0.999, **anchored(reanchor=True))
+    engine = Engine(tiny_model, char_tokenizer, cfg)
+    problem = {"id": "q1", "problem": "What is 7 + 9?", "answer": "16", "choices": None}
+    memory = EpisodicMemory(None, "tiny", 32)
+    with torch.enable_grad():
+        [r] = latent_evolve(engine, [problem], PaysByCount(lambda n: False), cfg.evolve, memory)
+    a = r["_archive"]
+    assert a["iterations"] == 4  # K spent without a pass
+    memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], ["q1"], [a["answer"]], [a["iterations"]])
+    with torch.enable_grad():
+        [again] = latent_evolve(engine, [dict(problem, id="q1-again")], PaysByCount(lambda n: False), cfg.evolve, memory)
+    assert again["recalled"] == "q1" and again["generations"] == 0  # nothing left to search: its best answer stands
+    # another prompt (the tiny model's e cannot tell these apart: the bar is raised out of reach) is
+    # not given an answer whose search failed: it starts from its own CoT with a whole K
+    monkeypatch.setattr(latentevolve, "SAME_PROMPT", 2.0)
+    with torch.enable_grad():
+        [other] = latent_evolve(engine, [dict(problem, id="q2", problem="What is 9 + 7?")], PaysByCount(lambda n: False), cfg.evolve, memory)
+    assert "recalled" not in other and other["neighbours"] == ["q1"] and other["iterations"] == 4
+
+
+def test_answer_archive_and_recall_need_the_greedy_search():
+    with pytest.raises(UserError, match="evolve.archive: answer .* evolve.samples=1"):
+        EvolveConfig(archive="answer")
+    with pytest.raises(UserError, match="evolve.recall: .* evolve.samples=1"):
+        EvolveConfig(recall=0.99)
+    with pytest.raises(UserError, match="evolve.edit_from: .* evolve.samples=1"):
+        EvolveConfig(edit_from="first_failing_line")
+    EvolveConfig(samples=1, archive="answer", recall=0.99, edit_from="first_failing_line", reanchor=True)

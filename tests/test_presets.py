@@ -113,3 +113,22 @@ def test_the_own_edit_config_is_the_tuned_latentevolve_with_only_the_archive_cha
     assert own.evolve.archive == "own_edit"
     assert (to_yaml(own).replace("config_name: latentevolve_own_edit", "config_name: latentevolve_tuned")
             == to_yaml(tuned))
+
+
+def test_the_default_config_is_the_anchored_search(monkeypatch):
+    # python adapt.py with no --config runs our best method; the paper's form is one --config away
+    class Loaded(Exception):
+        pass
+
+    def capture(schema, files, overrides):
+        raise Loaded(load_config(schema, files, overrides))
+
+    monkeypatch.setattr(adapt, "load_config", capture)
+    with pytest.raises(Loaded) as loaded:
+        adapt.main([])
+    cfg = loaded.value.args[0]
+    anchored = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek_anchored.yaml")], [])
+    assert cfg.method == "latentseek" and cfg.latent.edit_from == "first_failing_line" and cfg.latent.reanchor
+    assert to_yaml(cfg) == to_yaml(anchored)
+    paper = load_config(AdaptConfig, [str(ROOT / "configs" / "latentseek_paper.yaml")], [])
+    assert paper.latent.edit_from == "start" and not paper.latent.reanchor

@@ -10,6 +10,12 @@ reward (with ``evolve.stop_threshold``, also at the first step a sample passes);
 comes from z*. Each record carries ``_archive`` (e, z_base, z*, mean reward), which
 ``callbacks.memory`` archives when the mean reward reaches tau; nights (weaver training on
 the memory) are that callback's too.
+
+With ``evolve.samples=1`` the refinement is LatentSeek's greedy search instead
+(``greedy_day``): one candidate per step, optionally edited from the reward's first failing
+line and re-anchored at each candidate that scores at least as well (``evolve.edit_from``,
+``evolve.reanchor``), from the same start z_0. There ``evolve.archive=answer`` archives the
+latents behind the answer chosen, and ``evolve.recall`` lets a problem met again start from it.
 """
 
 from __future__ import annotations
@@ -17,19 +23,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import math
+
 import torch
 
 from lit_latent.config import EvolveConfig
 from lit_latent.engine import Engine
 from lit_latent.kvcache import encode_prompts
 from lit_latent.latents import decode_latents, keep_through_first_change, latent_count, momentum_init
-from lit_latent.records import add_candidate, judge
+from lit_latent.records import add_candidate, choose_best, judge
 from lit_latent.rewards import Reward
-from lit_latent.search import LatentSearch
+from lit_latent.search import LatentSearch, Seeking
 
 
 def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: EvolveConfig,
                   memory=None, weaver: Optional[torch.nn.Module] = None) -> list[dict]:
+    if cfg.samples == 1:
+        return greedy_day(engine, problems, reward, cfg, memory, weaver)
     m = cfg.samples
     # 1. e (the prompt's final post-norm state) and z_base (first L' latents of the greedy CoT)
     prompts = engine.encode(problems)
@@ -53,7 +63,8 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
 
     # 2-4. weaver, retrieval, momentum transfer
     search = LatentSearch(engine, reward, cfg.lr, records)
-    starts = dict(zip(usable, starting_latents(e, z_base, usable, records, cfg, memory, weaver)))
+    found = neighbours(memory, e, problems, cfg.top_k)
+    starts = dict(zip(usable, starting_latents(e, z_base, usable, records, found, weaver)))
     for i, z0 in starts.items():
         # evolve.rho: the answer's later latents are refined too, from the CoT's own
         refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
@@ -139,23 +150,133 @@ class Progress:
         return (latents, self.last_mean) if rule == "last" else (self.best_latents, self.best_mean)
 
 
-def starting_latents(e, z_base, usable, records, cfg: EvolveConfig, memory, weaver) -> list[torch.Tensor]:
+def neighbours(memory, e: torch.Tensor, problems: list[dict], k: int):
+    """Each problem's top-k remembered entries (None while the memory is empty); a problem met
+    again under its own id (a rerun stream) does not retrieve its own entry."""
+    if memory is None or not len(memory):
+        return None
+    return memory.search(e, k, exclude_ids=[[p["id"]] for p in problems])
+
+
+def starting_latents(e, z_base, usable, records, found, weaver) -> list[torch.Tensor]:
     """z_0 of each usable problem: the weaver's map of its z_base (identity before the first
-    night), plus the momentum transfer from its remembered neighbours (none while the memory
-    is empty); the neighbours' ids go into the record."""
+    night), plus the momentum transfer from its remembered neighbours ``found`` (None while the
+    memory is empty); the neighbours' ids go into the record."""
     if not usable:
         return []
     zb = torch.stack([z_base[i] for i in usable])
     with torch.no_grad():
         woven = weaver(e[usable], zb).float() if weaver is not None else zb
-    # a problem met again (a rerun stream) must not retrieve its own entry
-    found = memory.search(e[usable], cfg.top_k, exclude_ids=[[records[i]["id"]] for i in usable]) if memory is not None and len(memory) else None
     starts = []
     for k, i in enumerate(usable):
         z0 = woven[k]
         if found is not None:
-            nb = found[k]
+            nb = found[i]
             z0 = momentum_init(z0, nb.e, e[i], nb.z_star, nb.z_base)
             records[i]["neighbours"] = list(nb.ids)
         starts.append(z0)
     return starts
+
+
+SAME_PROMPT = 0.99999
+"""Cosine of ``e`` from which a recalled entry is the same prompt: a verbatim repeat measures at
+least 0.9999994 on the embedded model (rounding with other batch rows), two different problems
+of its held-out file at most 0.99975."""
+
+
+def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: EvolveConfig, memory, weaver) -> list[dict]:
+    """The daytime with LatentSeek's greedy search (evolve.samples=1), from LatentEvolve's start."""
+    n, count_of = len(problems), cfg.latent_count
+    threshold = math.inf if cfg.stop_threshold is None else cfg.stop_threshold
+    prompts = engine.encode(problems)
+    state = encode_prompts(engine.model, prompts, engine.pad_id)
+    cached = None if engine.reference_mode else state
+    e = state.last.float()
+    found = neighbours(memory, e, problems, cfg.top_k)
+    # 1. evolve.recall: a problem whose nearest memory is that similar and holds an answer is that
+    # problem met again; its initial answer is the remembered answer's prefix, finished by the model.
+    # An answer whose search failed is recalled only by the same prompt: a reworded problem may
+    # well be solved by a search of its own (and the memory has nothing better to give it)
+    recalled = {i: nb for i, nb in enumerate(found or []) if cfg.recall is not None and nb.ids and nb.answers
+                and float(nb.similarity[0]) >= cfg.recall and len(nb.answers[0])
+                and (nb.scores[0] >= threshold or float(nb.similarity[0]) >= SAME_PROMPT)}
+    prefixes = [decode_latents(engine.lm_head, recalled[i].answers[0]) if i in recalled else [] for i in range(n)]
+    # 2. the others' initial answer: the greedy CoT, with e and z_base; every initial answer is scored
+    first = engine.generate(prompts, prefixes=prefixes, return_hidden=True, prompt_state=cached)
+    texts = engine.decode(first.tokens)
+    scores = reward.score(engine, problems, texts)
+    details = [scores.details[i] if scores.details else None for i in range(n)]
+    records = [engine.adaptive_record(p, texts[i], first.new_tokens[i] + scores.tokens[i], [scores.rewards[i]], reward, details[i])
+               for i, p in enumerate(problems)]
+    for i, nb in enumerate(found or []):
+        records[i]["neighbours"] = list(nb.ids)
+    for i, nb in recalled.items():
+        records[i].update(recalled=nb.ids[0], recall_similarity=float(nb.similarity[0]))
+    # a recalled problem's own CoT was not generated: its z_base is the remembered one's
+    z_base = [recalled[i].z_base[0].float() if i in recalled else first.hidden[i][:count_of].detach().float() for i in range(n)]
+    # answers shorter than L' cannot be compared with the memory: they search without a transferred start
+    usable = [i for i in range(n) if z_base[i].shape[0] == count_of and i not in recalled]
+
+    # 3. the latents to search: a recalled problem's are the remembered answer's (they decode to its
+    # prefix); the others' are z_0 (weaver, momentum transfer) followed by the CoT's later latents
+    search = LatentSearch(engine, reward, cfg.lr, records)
+    starts = dict(zip(usable, starting_latents(e, z_base, usable, records, found, weaver)))
+    seeking: dict[int, Seeking] = {}
+    behind: dict[int, list[torch.Tensor]] = {}  # per problem, the latents behind its initial answer and each candidate
+    for i in range(n):
+        size = len(prefixes[i]) if i in recalled else (latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho
+                                                      else min(count_of, len(first.tokens[i])))
+        z = recalled[i].answers[0].float() if i in recalled else first.hidden[i][:size].float()
+        behind[i] = [z.detach().clone()]
+        if not size or scores.rewards[i] >= threshold:
+            continue
+        # the remembered search's iterations are spent only for the same prompt (the search is
+        # deterministic: it would run again as it ran); a reworded one searches on from the
+        # remembered answer with a whole K
+        same = i in recalled and float(recalled[i].similarity[0]) >= SAME_PROMPT
+        spent = recalled[i].iterations[0] if same else 0
+        seeking[i] = Seeking(original=first.tokens[i][:size], reward=scores.rewards[i], anchor=scores.rewards[i], steps=spent)
+        if seeking[i].steps >= cfg.max_steps:
+            continue
+        search.add(i, torch.cat([starts[i], z[count_of:]]) if i in starts else z)
+        seeking[i].start = search.edit_start(cfg.edit_from, first.tokens[i], texts[i], details[i], size)
+        if first.finished[i]:
+            search.remember(i, seeking[i].original, texts[i], scores.rewards[i])
+
+    def cut(i: int, prefix: list[int]) -> list[int]:
+        # evolve.regenerate_after_first_change: the model rewrites what follows the first edit
+        return keep_through_first_change(prefix, seeking[i].original) if cfg.regenerate_after_first_change else prefix
+
+    # 4. search: LatentSeek's iteration (search.greedy_step) until the reward passes or K iterations
+    active = [i for i in seeking if i in search.latents]
+    while active:
+        for i in active:
+            seeking[i].steps += 1
+        stepped, had = list(active), {i: len(records[i]["candidates"]) for i in active}
+        active = search.greedy_step(active, seeking, cfg, cut, prompts, problems, cached)
+        for i in stepped:  # the latents that decoded (with reanchor: that now decode to) the new candidate
+            if len(records[i]["candidates"]) > had[i]:
+                behind[i].append(search.latents[i].detach().clone())
+        active = [i for i in active if seeking[i].reward < threshold and seeking[i].steps < cfg.max_steps]
+        search.retire([i for i in stepped if i not in active])
+
+    # 5. the answer (answer=best: the highest-reward candidate, the initial answer included), and
+    # what the memory callback archives when its reward reaches tau
+    for i, rec in enumerate(records):
+        if cfg.answer == "best":
+            choose_best(rec)
+        chosen = rec.get("chosen_candidate", len(rec["candidates"]))
+        if z_base[i].shape[0] != count_of or chosen >= len(behind[i]):
+            continue  # too short for the memory, or its search stopped on a numerical error
+        latents = behind[i][chosen]
+        if cfg.archive == "answer":  # the latents behind the answer, kept whole; z* = their first L'
+            z_star = latents[:count_of] if len(latents) >= count_of else z_base[i]
+        else:  # the paper's z*: the search's last latents (own_edit: less what the start inherited)
+            z_star = search.latents[i][:count_of].detach().float() if i in search.latents else z_base[i]
+            if cfg.archive == "own_edit" and i in starts:
+                z_star = z_base[i] + (z_star - starts[i])
+        rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": z_star.detach().cpu(),
+                           "score": rec["rewards"][chosen]}
+        if cfg.archive == "answer":
+            rec["_archive"].update(answer=latents.cpu(), iterations=seeking[i].steps if i in seeking else 0)
+    return records

@@ -14,15 +14,13 @@ slot, so long searches do not leave the batch half empty.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 from lit_latent.config import LatentConfig
 from lit_latent.engine import Engine
 from lit_latent.latents import keep_through_first_change, latent_count
-from lit_latent.records import add_candidate, choose_best, numerical_error
+from lit_latent.records import add_candidate, choose_best
 from lit_latent.rewards import Reward
-from lit_latent.search import LatentSearch
+from lit_latent.search import LatentSearch, Seeking
 
 
 def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: LatentConfig) -> list[dict]:
@@ -35,11 +33,6 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
     search = LatentSearch(engine, reward, cfg.lr, records)
     seeking: dict[int, Seeking] = {}  # the problems that have started, by index
     samplers = [engine.generator(p["id"], "latent") for p in problems]
-
-    def edit_start(tokens: list[int], text: str, details, count: int) -> int:
-        # latent.edit_from=first_failing_line: the latents before the line the reward fails stay put
-        flaw = reward.first_flaw(text, details) if cfg.edit_from == "first_failing_line" else None
-        return 0 if flaw is None else min(engine.token_at(tokens, flaw), count - 1)
 
     def cut(i: int, prefix: list[int]) -> list[int]:
         # latent.regenerate_after_first_change: the model rewrites what follows the first edit
@@ -63,7 +56,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
                     search.remember(i, p.original, texts[k], scores.rewards[k])
                 if count and p.reward < threshold:
                     search.add(i, first.hidden[k][:count])
-                    p.start = edit_start(first.tokens[k], texts[k], scores.details[k] if scores.details else None, count)
+                    p.start = search.edit_start(cfg.edit_from, first.tokens[k], texts[k], scores.details[k] if scores.details else None, count)
                     active.append(i)
         if not active:
             continue
@@ -71,28 +64,8 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
         for i in active:
             seeking[i].steps += 1
         if cfg.samples == 1:
-            # 3-5. REINFORCE on the tokens the latents decode to (reward - 1: push away from them), then a new candidate
-            active = search.step({i: search.greedy_loss(i, seeking[i].reward - 1.0, seeking[i].start, seeking[i].scored_end)
-                                  for i in active})
-            rows = [(i, tuple(cut(i, search.decode(i)))) for i in active]
-            scored = search.score_prefixes(rows, prompts, problems, state, hidden=cfg.reanchor)
-            for k, (i, prefix) in enumerate(rows):
-                r, p = scored.rewards[k], seeking[i]
-                if numerical_error(records[i], "reward", r):
-                    continue  # the problem keeps its last good candidate
-                p.reward = r
-                p.repeats += not scored.generated[k]
-                if cfg.loss_tokens == "scored":
-                    p.scored_end = len(prefix)
-                add_candidate(records[i], problems[i], scored.texts[k], scored.tokens[k], r,
-                              engine.describe_latents(search.latents[i]), int(scored.generated[k]))
-                if cfg.reanchor and scored.generated[k] and r >= p.anchor:
-                    # latent.reanchor: the next edit starts from this candidate, the loss covers its tokens
-                    p.anchor = r
-                    search.reanchor(i, len(prefix), scored.after[k])
-                    p.scored_end = None  # the anchored latents decode to the scored candidate
-                    p.original = search.decode(i)
-                    p.start = edit_start(p.original, scored.texts[k], scored.details[k], len(p.original))
+            # 3-5. REINFORCE on the tokens the latents decode to, then a new candidate (search.greedy_step)
+            active = search.greedy_step(active, seeking, cfg, cut, prompts, problems, state)
         else:
             # M sampled prefixes per problem, Q compared with latent.baseline; the best sample is the candidate
             results, losses = search.sample_step(active, cfg.samples, cfg.sample_temperature, cfg.baseline, samplers, cut,
@@ -113,27 +86,3 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
         for rec in records:
             choose_best(rec)
     return records
-
-
-@dataclass
-class Seeking:
-    """One problem's search so far."""
-
-    original: list[int]
-    """The tokens a decoded prefix is compared with: the initial answer's (with reanchor, the anchor's)."""
-    reward: float
-    """The latest candidate's reward (at first, the initial answer's)."""
-    anchor: float
-    """latent.reanchor: the reward of the candidate the latents were last anchored to."""
-    steps: int = 0
-    """Iterations run."""
-    repeats: int = 0
-    """Iterations whose candidate was tried before."""
-    start: int = 0
-    """The first latent optimized (latent.edit_from)."""
-    scored_end: Optional[int] = None
-    """latent.loss_tokens=scored: the last candidate's kept prefix length (None: all the latents)."""
-
-    def counted(self, free_repeats: int) -> int:
-        """Iterations that count toward K: up to ``free_repeats`` repeats do not."""
-        return self.steps - min(self.repeats, free_repeats)
