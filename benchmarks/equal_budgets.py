@@ -58,6 +58,8 @@ RUNS = {
     "latentevolve": EVOLVE,
     "latentevolve_memory_off": EVOLVE + ["evolve.archive_threshold=2"],
     "latentevolve_own_edit": EVOLVE + ["evolve.archive=own_edit"],
+    "latentseek_confidence": SEEK + ["reward.kind=confidence", "latent.stop_threshold=null"],
+    "ltpo": ["--config", "configs/ltpo.yaml"],
 }
 STREAMS = ("latentevolve", "latentevolve_memory_off", "latentevolve_own_edit")  # run from problem 1: the memory needs the past
 

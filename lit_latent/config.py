@@ -269,6 +269,8 @@ class LtpoConfig:
 
     thoughts: int = 10
     """K: placeholder thought tokens after the problem (paper: 8-10; its code: 10)."""
+    instruction: bool = True
+    """Announce the thoughts with the paper's sentence (they hold compressed reasoning, use or ignore them); false: the placeholders follow the problem with nothing said."""
     placeholder: str = "auto"
     """The token whose embedding starts every thought: auto (a reserved special token, else a special token the chat prompt never writes, else unk, else EOS; docs/algorithms.md §3) or the token's text."""
     steps: int = 10

@@ -113,7 +113,8 @@ def thought_prompts(engine: Engine, problems: list[dict], placeholders: list[int
     special = not getattr(tokenizer, "chat_template", None)  # as Engine.encode_messages: BOS etc. where no template adds them
     rows, starts = [], []
     for p in problems:
-        message = f"{user_message(p, engine.cfg.data.prompt)}\n\n{THOUGHTS_SENTENCE.format(k=len(placeholders))} {MARK}"
+        said = f"{THOUGHTS_SENTENCE.format(k=len(placeholders))} " if engine.cfg.ltpo.instruction else ""
+        message = f"{user_message(p, engine.cfg.data.prompt)}\n\n{said}{MARK}"
         before, after = chat_prompt(tokenizer, message).split(MARK)
         head = tokenizer(before, add_special_tokens=special)["input_ids"]
         tail = tokenizer(after, add_special_tokens=False)["input_ids"]
