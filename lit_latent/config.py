@@ -264,7 +264,7 @@ class EvolveConfig(SearchConfig):
 
 @dataclass
 class LtpoConfig:
-    """LTPO (docs/algorithms.md §3): K thought embeddings in the prompt, tuned per problem for the
+    """LTPO (docs/algorithms.md §5): K thought embeddings in the prompt, tuned per problem for the
     model's confidence at them (reward.kind=confidence, reward.top_k); the paper's code's values."""
 
     thoughts: int = 10
@@ -272,7 +272,7 @@ class LtpoConfig:
     instruction: bool = True
     """Announce the thoughts with the paper's sentence (they hold compressed reasoning, use or ignore them); false: the placeholders follow the problem with nothing said."""
     placeholder: str = "auto"
-    """The token whose embedding starts every thought: auto (a reserved special token, else a special token the chat prompt never writes, else unk, else EOS; docs/algorithms.md §3) or the token's text."""
+    """The token whose embedding starts every thought: auto (a reserved special token, else a special token the chat prompt never writes, else unk, else EOS; docs/algorithms.md §5) or the token's text."""
     steps: int = 10
     """N: optimization steps at most, each one forward pass over the prompts (paper: 10-20)."""
     lr: float = 0.05

@@ -1,4 +1,4 @@
-"""LTPO (docs/algorithms.md §3): per problem, K "thought" vectors placed in the prompt are tuned
+"""LTPO (docs/algorithms.md §5): per problem, K "thought" vectors placed in the prompt are tuned
 for the frozen model's confidence at them; then the model answers once, greedily, with the best.
 
 For each problem: the prompt is the problem, a sentence saying that K special tokens follow that
@@ -130,7 +130,7 @@ def thought_prompts(engine: Engine, problems: list[dict], placeholders: list[int
 
 
 def placeholder_ids(engine: Engine, spec: str, k: int) -> list[int]:
-    """The K placeholder ids (docs/algorithms.md §3). ``auto``: the tokenizer's reserved special
+    """The K placeholder ids (docs/algorithms.md §5). ``auto``: the tokenizer's reserved special
     tokens (Llama 3's, one each, as the paper's code), else one special token that is neither
     EOS, pad nor BOS and that the chat prompt never writes (the embedded model's ``<|system|>``),
     else the unknown token, else EOS (the paper's code's choice for Qwen); repeated K times."""
