@@ -85,7 +85,9 @@ def ltpo(engine: Engine, problems: list[dict], cfg: LtpoConfig, top_k: int) -> l
                 best[i] = (thoughts[i] if cfg.keep == "updated" else noisy[k]).detach()
                 searches[i]["chosen_step"] = step
         sigma *= cfg.sigma_decay
-        active = [i for i in active if not searches[i]["rewards"] or searches[i]["rewards"][-1] < threshold]
+        # a problem whose confidence was not finite stops too: its thoughts would only carry NaNs on
+        active = [i for i in active if "numerical_error" not in searches[i]
+                  and (not searches[i]["rewards"] or searches[i]["rewards"][-1] < threshold)]
 
     # 6. the answer: greedy generation from the prompt with the best thoughts in place
     with torch.no_grad():
