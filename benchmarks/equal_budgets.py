@@ -5,9 +5,9 @@
     python benchmarks/equal_budgets.py --only cot,resample    # some of the runs
     python benchmarks/equal_budgets.py --jobs 2               # two runs at a time (one torch thread each)
 
-Every run uses the self-reward, stopping rule and answer rule of ``configs/latentseek.yaml``
-(the recompute and final checks, stop at 0.8, the best-scored candidate), on the embedded model's
-bundled problems:
+Every run but the last two uses the self-reward, stopping rule and answer rule of
+``configs/latentseek.yaml`` (the recompute and final checks, stop at 0.8, the best-scored
+candidate), on the embedded model's bundled problems:
 
 * ``cot``: the greedy chain of thought.
 * ``resample``: the control, a fresh sample at T 0.7 per try (``configs/resample.yaml``).
@@ -26,6 +26,11 @@ bundled problems:
 * ``latentevolve_anchored``: ``configs/latentevolve_anchored.yaml`` as one stream (the anchored
   search by day, the answer archive and recall); ``latentevolve_anchored_memory_off`` the same
   config with nothing archived, on the split's problems alone (nothing carries over).
+* ``latentseek_confidence``: ``configs/latentseek.yaml`` with ``reward.kind=confidence`` (no
+  generation, no labels) and no stop threshold (every answer scores over 0.8 on it,
+  docs/rewards.md): 10 iterations, the most confident candidate answers.
+* ``ltpo``: ``configs/ltpo.yaml``, the paper's code's values; ``ltpo_tuned``: the setting chosen
+  on problems 201-400 (docs/equal-budgets.md).
 
 Runs go to ``--out`` (default ``runs/equal_budgets``), one folder each; a folder that exists
 resumes (adapt.py writes each problem as it finishes). Then ``python -m lit_latent.report``
@@ -63,7 +68,13 @@ RUNS = {
     "latentevolve_own_edit": EVOLVE + ["evolve.archive=own_edit"],
     "latentevolve_anchored": ["--config", "configs/latentevolve_anchored.yaml"],
     "latentevolve_anchored_memory_off": ["--config", "configs/latentevolve_anchored.yaml", "evolve.archive_threshold=2"],
+    "latentseek_confidence": SEEK + ["reward.kind=confidence", "latent.stop_threshold=null"],
+    "ltpo": ["--config", "configs/ltpo.yaml"],
+    # chosen on 201-400 (docs/equal-budgets.md): the embedded model reads nothing after the problem well
+    "ltpo_tuned": ["--config", "configs/ltpo.yaml", "ltpo.instruction=false", "ltpo.thoughts=1"],
 }
+# runs with a reward of their own: the confidence (docs/rewards.md), which LTPO's thoughts are tuned for
+OWN_REWARD = ("latentseek_confidence", "ltpo", "ltpo_tuned")
 # run from problem 1: the memory needs the past (the anchored memory-off run carries nothing from one
 # problem to the next, no nights either, so it runs on the split alone)
 STREAMS = ("latentevolve", "latentevolve_memory_off", "latentevolve_own_edit", "latentevolve_anchored")

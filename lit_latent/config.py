@@ -25,8 +25,8 @@ class UserError(Exception):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n")
-REWARD_KINDS = ("self", "verifier", "majority", "custom")
+METHODS = ("cot", "latentseek", "resample", "latentevolve", "self_consistency", "best_of_n", "ltpo")
+REWARD_KINDS = ("self", "verifier", "majority", "confidence", "custom")
 # self-reward schemes: criterion -> default weight. LatentSeek: calculations 2, answer 1,
 # complete 2, understood 1; LatentEvolve: answer 1, comprehension 1, calculation 1, format 2,
 # clarity 2; steps and recompute ask LatentSeek's criteria, the calculation check line by line
@@ -203,7 +203,7 @@ class LatentConfig(SearchConfig):
 @dataclass
 class RewardConfig:
     kind: str = "self"
-    """self (the model grades itself), verifier (gold labels), majority (TTRL vote), custom."""
+    """self (the model grades itself), verifier (gold labels), majority (TTRL vote), confidence (LTPO's: how peaked the model's distributions are), custom."""
     scheme: str = "latentseek"
     """For kind=self: latentseek (4 checks), latentevolve (5 criteria), steps (per-line calculation)."""
     weights: dict[str, float] = field(default_factory=dict)
@@ -212,6 +212,8 @@ class RewardConfig:
     """Tokens generated for each verification verdict."""
     majority_samples: int = 8
     """For kind=majority: sampled answers that vote."""
+    top_k: int = 10
+    """For kind=confidence (and method ltpo): the k most likely tokens whose mean -log p is a distribution's confidence (LTPO: 10)."""
     class_path: Optional[str] = None
     """For kind=custom: import path of a lit_latent.rewards.Reward subclass."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -222,6 +224,7 @@ class RewardConfig:
         _one_of("reward.scheme", self.scheme, SCHEMES)
         _positive("reward.verdict_tokens", self.verdict_tokens)
         _positive("reward.majority_samples", self.majority_samples)
+        _positive("reward.top_k", self.top_k)
         if self.kind == "custom" and not self.class_path:
             raise UserError("config key reward.class_path: required when reward.kind=custom")
         if self.kind == "self":
@@ -273,6 +276,44 @@ class EvolveConfig(SearchConfig):
                 raise UserError(f"config key evolve.recall: recalls into the greedy search; it needs evolve.samples=1 (got {self.samples})")
             if not -1 <= self.recall <= 1:
                 raise UserError(f"config key evolve.recall: a cosine similarity in [-1, 1] or null, got {self.recall}")
+
+
+@dataclass
+class LtpoConfig:
+    """LTPO (docs/algorithms.md §5): K thought embeddings in the prompt, tuned per problem for the
+    model's confidence at them (reward.kind=confidence, reward.top_k); the paper's code's values."""
+
+    thoughts: int = 10
+    """K: placeholder thought tokens after the problem (paper: 8-10; its code: 10)."""
+    instruction: bool = True
+    """Announce the thoughts with the paper's sentence (they hold compressed reasoning, use or ignore them); false: the placeholders follow the problem with nothing said."""
+    placeholder: str = "auto"
+    """The token whose embedding starts every thought: auto (a reserved special token, else a special token the chat prompt never writes, else unk, else EOS; docs/algorithms.md §5) or the token's text."""
+    steps: int = 10
+    """N: optimization steps at most, each one forward pass over the prompts (paper: 10-20)."""
+    lr: float = 0.05
+    """Adam learning rate on the thought embeddings (maximizing the confidence)."""
+    sigma: float = 0.1
+    """sigma0: standard deviation of the Gaussian noise added to the thoughts at the first step."""
+    sigma_decay: float = 0.99
+    """sigma is multiplied by this after every step."""
+    gradient: str = "autograd"
+    """How the confidence of the noisy thoughts A = H + sigma eps moves H: autograd (its gradient through the frozen model, the code's default) or reinforce (the score-function estimate R eps / sigma, the paper's policy-gradient form)."""
+    keep: str = "updated"
+    """The thoughts answered with: updated (the code: H right after the step whose noisy thoughts scored best) or scored (those noisy thoughts themselves)."""
+    stop_threshold: Optional[float] = None
+    """Stop a problem once its confidence, on the [0, 1] reward scale (docs/rewards.md), reaches this; null: all N steps (the paper)."""
+
+    def __post_init__(self) -> None:
+        for name in ("thoughts", "lr", "sigma"):
+            _positive(f"ltpo.{name}", getattr(self, name))
+        _positive("ltpo.steps", self.steps, allow_zero=True)
+        if not 0 < self.sigma_decay <= 1:
+            raise UserError(f"config key ltpo.sigma_decay: must be in (0, 1], got {self.sigma_decay}")
+        _one_of("ltpo.gradient", self.gradient, ("autograd", "reinforce"))
+        _one_of("ltpo.keep", self.keep, ("updated", "scored"))
+        if not self.placeholder:
+            raise UserError("config key ltpo.placeholder: must be auto or a token's text, got an empty string")
 
 
 @dataclass
@@ -357,13 +398,14 @@ class TrainerConfig:
 @dataclass
 class AdaptConfig:
     method: str = "latentseek"
-    """cot, latentseek, resample, latentevolve, self_consistency, best_of_n."""
+    """cot, latentseek, resample, latentevolve, self_consistency, best_of_n, ltpo."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
+    ltpo: LtpoConfig = field(default_factory=LtpoConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     weaver: WeaverConfig = field(default_factory=WeaverConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
@@ -377,6 +419,10 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)
+        if self.method == "ltpo" and self.reward.kind != "confidence":
+            raise UserError(f"config key reward.kind: method ltpo scores its thoughts by confidence (reward.kind=confidence), got {self.reward.kind}")
+        if self.method == "ltpo" and self.perf.reference_mode:
+            raise UserError("config key perf.reference_mode: method ltpo answers from input embeddings through the KV cache, which reference mode has not")
 
 
 @dataclass

@@ -277,6 +277,16 @@ def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptSt
 
 
 @torch.no_grad()
+def encode_prompt_embeddings(model, embeds: Tensor, mask: Tensor) -> PromptState:
+    """``encode_prompts`` for prompts given as input embeddings ``[B, S, d]`` (left-padded, ``mask``
+    ``[B, S]``), e.g. with optimized vectors in place of some tokens: ``generate`` then
+    continues them as it continues token prompts."""
+    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                           use_cache=True, **{CACHE: new_cache(model, room=256)})
+    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
+
+
+@torch.no_grad()
 def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], pad_id: int) -> tuple[PromptState, Tensor]:
     """``state`` with ``blocks[i]`` appended to row ``i``, and the block's hidden states
     ``[B, W, d]``. The blocks are left-padded as one block after the cached rows: the pads sit

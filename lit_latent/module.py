@@ -20,6 +20,7 @@ from lit_latent.engine import Engine
 from lit_latent.methods import sampling
 from lit_latent.methods.latentevolve import latent_evolve
 from lit_latent.methods.latentseek import latent_seek
+from lit_latent.methods.ltpo import ltpo
 from lit_latent.rewards import Reward
 
 NEEDS_REWARD = ("latentseek", "resample", "best_of_n", "latentevolve")
@@ -78,6 +79,8 @@ class LatentAdaptationModule(L.LightningModule):
             return latent_seek(engine, problems, reward, cfg.latent)
         if cfg.method == "latentevolve":
             return latent_evolve(engine, problems, reward, cfg.evolve, self.memory, self.weaver)
+        if cfg.method == "ltpo":
+            return ltpo(engine, problems, cfg.ltpo, cfg.reward.top_k)
         raise ValueError(f"method {cfg.method!r} is not run by {type(self).__name__}")
 
     def log_rewards(self, records: list[dict]) -> None:

@@ -21,7 +21,7 @@ from lit_latent.results import PREDICTIONS, read_records, summarize
 from lit_latent.runs import run_entry_point
 
 # methods whose records carry a reward callback's judgement
-REWARD_METHODS = ("latentseek", "resample", "best_of_n", "latentevolve")
+REWARD_METHODS = ("latentseek", "resample", "best_of_n", "latentevolve", "ltpo")
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def by_iteration(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[f
     so index K is the final accuracy. Records without ``rewards`` (cot, self-consistency) are
     left out; none adaptive -> ``([], [])``.
     """
-    adaptive = [r for r in records if r.get("rewards")]
+    adaptive = [r for r in records if r.get("rewards") and "initial_correct" in r]  # LTPO's rewards score thoughts, not answers
     if not adaptive:
         return [], []
     # per problem: [initial, after candidate 1, ...]

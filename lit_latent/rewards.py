@@ -14,8 +14,12 @@ A user's own reward: subclass ``Reward``, implement ``score``, and run with
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
 
 from lit_latent.answers import extract_answer, is_equivalent
 from lit_latent.config import RewardConfig, UserError, scheme_weights
@@ -269,6 +273,60 @@ class MajorityReward(Reward):
         return Scores(rewards, tokens)
 
 
+# --- confidence: how sure the model is of its own output distribution (LTPO) -----------------
+
+
+def top_k_confidence(logits: Tensor, k: int = 10) -> Tensor:
+    """LTPO's confidence of each distribution ``[..., vocab] -> [...]``: the mean over its k most
+    likely tokens of -log p. A peaked distribution scores high (its runners-up are improbable);
+    the lowest value, log k, is the mass spread evenly over k tokens."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -log_p.topk(min(k, log_p.shape[-1]), dim=-1).values.mean(-1)
+
+
+def confidence_reward(score: float, k: int = 10) -> float:
+    """A confidence score on the [0, 1] scale of every reward: ``1 - log(k) / score``. It is 0 at
+    the lowest score (log k: k equally likely tokens) and nears 1 as the score grows without
+    bound, and it is monotone, so it ranks candidates as the raw score does. On it a stop
+    threshold r is a score of ``log(k) / (1 - r)`` (0.8 with k = 10: 11.5 nats)."""
+    floor = math.log(k)
+    return max(0.0, 1.0 - floor / score) if score > 0 else 0.0
+
+
+class ConfidenceReward(Reward):
+    """LTPO's confidence as a reward for any method: the model reads the problem's prompt and the
+    candidate's own answer tokens in one forward pass, and the candidate scores the mean
+    ``top_k_confidence`` of the distributions that predicted its tokens, mapped to [0, 1] by
+    ``confidence_reward``. Nothing is generated and no label is used."""
+
+    deterministic = True
+
+    def __init__(self, top_k: int = 10):
+        self.top_k = top_k
+
+    @torch.no_grad()
+    def score(self, engine, problems, completions):
+        from lit_latent.kvcache import _left_pad, _positions
+
+        prompts = engine.encode(problems)
+        answers = [engine.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        rewards, details = [0.0] * len(problems), [{} for _ in problems]
+        for s in range(0, len(prompts), engine.chunk):
+            rows = [(i, prompts[i] + answers[i]) for i in range(s, min(s + engine.chunk, len(prompts))) if answers[i]]
+            if not rows:
+                continue
+            ids, mask = _left_pad([r for _, r in rows], engine.pad_id, engine.device)
+            states = engine.model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                             use_cache=False).last_hidden_state
+            for k, (i, row) in enumerate(rows):
+                # the state before answer token j predicts it: positions width - n - 1 .. width - 2
+                n, width = len(answers[i]), ids.shape[1]
+                score = float(top_k_confidence(engine.lm_head(states[k, width - n - 1 : width - 1]), self.top_k).mean())
+                rewards[i] = confidence_reward(score, self.top_k)
+                details[i] = {"confidence": score}
+        return Scores(rewards, [0] * len(problems), details)
+
+
 # --- construction from the config ------------------------------------------------------------
 
 
@@ -289,6 +347,8 @@ def make_reward(cfg: RewardConfig) -> Reward:
         return SelfReward(cfg.scheme, cfg.weights, cfg.verdict_tokens)
     if cfg.kind == "majority":
         return MajorityReward(cfg.majority_samples)
+    if cfg.kind == "confidence":
+        return ConfidenceReward(cfg.top_k)
     cls = import_class(cfg.class_path)
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
         raise UserError(f"config key reward.class_path: {cfg.class_path} is not a subclass of lit_latent.rewards.Reward")

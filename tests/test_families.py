@@ -228,13 +228,19 @@ RUNS = {
     "latentevolve": ["--config", str(ROOT / "configs" / "latentevolve.yaml"), "reward.kind=verifier", "evolve.samples=2",
                      "evolve.max_steps=2", "evolve.latent_count=3", "evolve.archive_threshold=0.0", "evolve.night_every=2",
                      "data.batch_size=1", "weaver.max_epochs=1"],
+    # thought embeddings in the prompt (inputs_embeds), then an answer generated after them through the cache
+    "ltpo": ["--config", str(ROOT / "configs" / "ltpo.yaml"), "ltpo.steps=2", "ltpo.thoughts=3",
+             "data.max_prompt_tokens=200"],  # the char tokenizer's prompt would pass GPT-2's 256 positions
 }
+# LTPO in the default run for the issue's matrix (Llama, Qwen2, Gemma 2, GPT-2, OPT's project_out)
+LTPO_DEFAULT_RUNS = {"llama", "qwen2", "gemma2", "gpt2", "opt_project_out"}
 
 
 def _run_cases():
     for family in FAMILIES:
         for method in RUNS:
-            marks = [] if family in DEFAULT_RUNS else [pytest.mark.slow]
+            default = family in (LTPO_DEFAULT_RUNS if method == "ltpo" else DEFAULT_RUNS)
+            marks = [] if default else [pytest.mark.slow]
             # self-reward also through the recurrent path: verification re-runs each message whole
             if method == "latentseek_self" and family not in ("bloom", "falcon_alibi", "llama", "mamba", "jamba"):
                 continue
@@ -254,6 +260,8 @@ def test_methods_run_end_to_end(family, method, char_tokenizer, two_problems, tm
                 "generation.max_new_tokens=8", "trainer.accelerator=cpu"])
     records = read_records(run_dir / "predictions.jsonl")
     assert [r["id"] for r in records] == ["p1", "p2"]
+    if method == "ltpo":
+        assert [r["iterations"] for r in records] == [2, 2]
     if method == "latentevolve":
         assert (run_dir / "weaver" / "night-001" / "weaver.json").is_file()
         assert records[1].get("neighbours") == ["p1"]
