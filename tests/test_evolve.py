@@ -418,6 +418,7 @@ def test_a_passing_refinement_archives_the_latents_behind_its_answer(tiny_model,
     from callbacks.memory import MemoryCallback
 
     MemoryCallback(memory, threshold=0.5).on_predict_batch_end(None, None, records, None, 0)
+    memory.commit()  # the batch's records are written: its entries are no longer pending
     for r in records:
         assert r["rewards"] == [0.0, 0.0, 1.0] and r["chosen_candidate"] == 2 and r["archived"]
         found = r["_archive"]["answer"]
