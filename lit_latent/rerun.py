@@ -117,6 +117,38 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
     return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
 
 
+@torch.no_grad()
+def generate_from_embeddings(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int, eos_ids: Sequence[int],
+                             pad_id: int) -> Generation:
+    """Greedy answers after prompts given as input embeddings ``[B, S, d]`` (left-padded, ``mask``
+    ``[B, S]``; LTPO's thoughts), for a model whose cache is not held. A prompt of embeddings has no
+    token ids for the model's own cache to re-run, so every step recomputes the whole sequence, the
+    generated tokens appended as their input embeddings: slow, and right for any causal LM."""
+    device = embeds.device
+    head, embed = LogitHead(model), model.get_input_embeddings()
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    generated = torch.full((len(embeds), max_new_tokens), -1, dtype=torch.long, device=device)
+    counts = torch.zeros(len(embeds), dtype=torch.long, device=device)
+    ended_at_eos = torch.zeros(len(embeds), dtype=torch.bool, device=device)
+    done = torch.zeros(len(embeds), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        states = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                                  use_cache=False).last_hidden_state
+        nxt = head(states[:, -1]).float().argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        counts += (~done).long()
+        is_eos = torch.isin(nxt, eos) & ~done
+        ended_at_eos |= is_eos
+        generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
+        done |= is_eos
+        if bool(done.all()):
+            break
+        embeds = torch.cat([embeds, embed(nxt)[:, None].to(embeds.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    tokens = [[t for t in row if t >= 0] for row in generated.tolist()]
+    return Generation(tokens=tokens, hidden=None, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
+
+
 _PROBED = "_lit_latent_steps_with_own_cache"  # the probe's answer, kept in the model's __dict__
 
 

@@ -155,6 +155,25 @@ def test_greedy_tokens_equal_model_generate(family, char_tokenizer):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_greedy_tokens_after_prompt_embeddings_equal_model_generate(family, char_tokenizer):
+    # LTPO answers after prompts given as embeddings: through the prompt cache where it is held,
+    # re-running the embeddings every step where it is not; both must decode as the model does
+    from lit_latent.kvcache import _left_pad, encode_prompt_embeddings, holds_kv_cache
+    from lit_latent.rerun import generate_from_embeddings
+
+    model = family_model(family, len(char_tokenizer))
+    prompts = [char_tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = _hf_greedy(model, prompts, 8)
+    ids, mask = _left_pad(prompts, 0, "cpu")
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    kw = dict(max_new_tokens=8, eos_ids=[1], pad_id=0)
+    assert generate_from_embeddings(model, embeds, mask, **kw).tokens == want
+    if holds_kv_cache(model):
+        assert generate(model, [[] for _ in prompts], prompt_state=encode_prompt_embeddings(model, embeds, mask), **kw).tokens == want
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_sampling_draws_from_the_models_distribution(family, char_tokenizer, monkeypatch):
     # every step's logits handed to the sampler, against the model's own forward over the same tokens
     model = family_model(family, len(char_tokenizer))

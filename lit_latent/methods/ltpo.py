@@ -22,8 +22,9 @@ from lit_latent.config import LtpoConfig, UserError
 from lit_latent.data import user_message
 from lit_latent.engine import Engine
 from lit_latent.generation import chat_prompt
-from lit_latent.kvcache import _left_pad, _positions, encode_prompt_embeddings
+from lit_latent.kvcache import _left_pad, _positions, encode_prompt_embeddings, holds_kv_cache
 from lit_latent.records import numerical_error
+from lit_latent.rerun import generate_from_embeddings
 from lit_latent.rewards import confidence_reward, top_k_confidence
 
 THOUGHTS_SENTENCE = ("The {k} special tokens at the end of this message hold compressed reasoning about the problem. "
@@ -92,7 +93,11 @@ def ltpo(engine: Engine, problems: list[dict], cfg: LtpoConfig, top_k: int) -> l
     # 6. the answer: greedy generation from the prompt with the best thoughts in place
     with torch.no_grad():
         final = embeds.index_put((row_of, at), best.to(embeds.dtype))
-        out = engine.generate([[] for _ in problems], prompt_state=encode_prompt_embeddings(model, final, mask))
+        if holds_kv_cache(model):
+            out = engine.generate([[] for _ in problems], prompt_state=encode_prompt_embeddings(model, final, mask))
+        else:  # recurrent states (kvcache.holds_kv_cache): the embeddings are re-run at every step
+            out = generate_from_embeddings(model, final, mask, max_new_tokens=engine.cfg.generation.max_new_tokens,
+                                           eos_ids=engine.eos_ids, pad_id=engine.pad_id)
     records = []
     for p, search, text, count in zip(problems, searches, engine.decode(out.tokens), out.new_tokens):
         records.append(engine.record(p, text, count))
