@@ -87,9 +87,14 @@ def run(name: str, split: str, out: Path) -> Path:
         run_dir, data = out / f"{name}-stream-1-{end}", ["data.offset=0", f"data.limit={end}"]
     else:
         run_dir, data = out / f"{name}-{start + 1}-{end}", [f"data.offset={start}", f"data.limit={end - start}"]
-    cmd = [sys.executable, "adapt.py", *RUNS[name], *data, f"run_dir={run_dir}"]
+    return run_adapt(name, [*RUNS[name], *data], run_dir, out / f"{run_dir.name}.log")
+
+
+def run_adapt(name: str, args: list[str], run_dir: Path, log: Path) -> Path:
+    """``python adapt.py ARGS run_dir=RUN_DIR`` in a subprocess with one OpenMP thread (runs go
+    side by side with --jobs), its output appended to ``log``; a failed run stops the benchmark."""
+    cmd = [sys.executable, "adapt.py", *args, f"run_dir={run_dir}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = out / f"{run_dir.name}.log"
     print(f"{name}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     with log.open("a") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 from lit_latent.config import HELDOUT_PATH  # noqa: E402
 from lit_latent.data import read_problems  # noqa: E402
 from lit_latent.embedded.problems import ITEMS, NAMES, OBJECTS, PLACES, numbers_in  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from equal_budgets import run_adapt  # noqa: E402
 
 CONFIG = "configs/latentevolve_anchored.yaml"
 
@@ -84,16 +85,7 @@ def build_stream(n: int) -> list[dict]:
 
 
 def run(name: str, args: list[str], out: Path) -> Path:
-    run_dir = out / name
-    cmd = [sys.executable, "adapt.py", "--config", CONFIG, *args, f"run_dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = out / f"{name}.log"
-    print(f"{name}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
-    with log.open("a") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"error: {name} failed (exit {done.returncode}); see {log}")
-    return run_dir
+    return run_adapt(name, ["--config", CONFIG, *args], out / name, out / f"{name}.log")
 
 
 def second_occurrences(run_dir: Path) -> dict[str, dict]:

@@ -120,7 +120,18 @@ def full_attention(cache) -> bool:
     return cache is not None and all(isinstance(layer, ReservedLayer) for layer in cache.layers)
 
 
-_PROBED = "_lit_latent_4d_mask"  # the probe's answer, kept in the model's __dict__
+def probed_once(model, name: str, probe):
+    """``probe(model)``, run once per model: the answer is kept in the model's ``__dict__`` under
+    ``name`` (an attribute, not a submodule or buffer, so it never reaches a state dict)."""
+    found = model.__dict__.get(name)
+    if found is None:
+        found = probe(model)
+        model.__dict__[name] = found
+    return found
+
+
+_PROBED = "_lit_latent_4d_mask"  # where accepts_4d_mask's answer is kept
+_HOLDS = "_lit_latent_holds_kv_cache"  # where holds_kv_cache's answer is kept
 
 
 def accepts_4d_mask(model) -> bool:
@@ -129,11 +140,7 @@ def accepts_4d_mask(model) -> bool:
     then a 2-token block and a 1-token step are run with the 2D mask and again with the
     equivalent 4D masks; the hidden states must agree. ALiBi models, which build their bias
     from a 2D mask, raise or disagree, and get the 2D mask at every step."""
-    found = model.__dict__.get(_PROBED)
-    if found is None:
-        found = _probe_4d_mask(model)
-        model.__dict__[_PROBED] = found
-    return found
+    return probed_once(model, _PROBED, _probe_4d_mask)
 
 
 @torch.no_grad()
@@ -168,9 +175,6 @@ def _probe_4d_mask(model) -> bool:
     return got.shape == want.shape and torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol)
 
 
-_HOLDS = "_lit_latent_holds_kv_cache"  # the probe's answer, kept in the model's __dict__
-
-
 def holds_kv_cache(model) -> bool:
     """Whether the fast path can hold ``model``'s cache: prompts encoded once, rows selected and
     repeated, a block appended, a state reused by a later generation after an earlier one wrote
@@ -179,11 +183,7 @@ def holds_kv_cache(model) -> bool:
     decoding step are appended; the hidden states must be those of each row run alone without a
     cache. Recurrent and convolution states raise (no ``batch_select_indices``) or disagree
     (updated in place, a shared state is overwritten by its first use)."""
-    found = model.__dict__.get(_HOLDS)
-    if found is None:
-        found = _probe_kv_cache(model)
-        model.__dict__[_HOLDS] = found
-    return found
+    return probed_once(model, _HOLDS, _probe_kv_cache)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor
 from lit_latent import generation
 from lit_latent.generation import Generation, generate
 from lit_latent.heads import LogitHead
-from lit_latent.kvcache import CACHE, _left_pad, _positions
+from lit_latent.kvcache import CACHE, _left_pad, _positions, probed_once
 
 
 @torch.no_grad()
@@ -149,7 +149,7 @@ def generate_from_embeddings(model, embeds: Tensor, mask: Tensor, *, max_new_tok
     return Generation(tokens=tokens, hidden=None, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
 
 
-_PROBED = "_lit_latent_steps_with_own_cache"  # the probe's answer, kept in the model's __dict__
+_PROBED = "_lit_latent_steps_with_own_cache"  # where steps_with_own_cache's answer is kept
 
 
 def steps_with_own_cache(model) -> bool:
@@ -157,11 +157,7 @@ def steps_with_own_cache(model) -> bool:
     model's forward without a cache. Probed once per model (then cached on it): two left-padded
     rows, one with a forced prefix, decode greedily; every state behind a token must equal the
     forward over that row alone."""
-    found = model.__dict__.get(_PROBED)
-    if found is None:
-        found = _probe_own_cache(model)
-        model.__dict__[_PROBED] = found
-    return found
+    return probed_once(model, _PROBED, _probe_own_cache)
 
 
 @torch.no_grad()
