@@ -20,10 +20,9 @@ latents behind the answer chosen, and ``evolve.recall`` lets a problem met again
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
-
-import math
 
 import torch
 
