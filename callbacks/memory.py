@@ -111,7 +111,7 @@ class NightCallback(Callback):
         edited = int((z_star != z_base).flatten(1).any(1).sum())
         self.nights.append({"after_problems": self.seen, "entries": len(e), "edited": edited, "val_mse": result.val_mse,
                             "identity_val_mse": result.identity_val_mse, "checkpoint": str(out)})
-        from lit_latent.memory import write_atomic
+        from lit_latent.results import write_atomic
 
         text = json.dumps(self.nights, indent=1)
         write_atomic(self.out_dir / self.LOG, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from lit_latent.config import UserError
+from lit_latent.results import write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "lit_latent.memory/1"
@@ -72,28 +72,6 @@ def check_labels(made_with_labels: Optional[bool], run_uses_labels: bool, key: s
             f"and this run's reward does not: it would carry the labels into the answers; use another {key} "
             "or a reward that uses labels"
         )
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and ``os.replace`` onto ``path``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 class _Rows:

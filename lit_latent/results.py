@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lit_latent.answers import wilson_interval
 
@@ -72,8 +72,6 @@ def repair(path: str | Path) -> int:
     corrupt = path.with_name(path.name + ".corrupt")
     lines = b"".join(b"line %d: " % lineno + raw.rstrip(b"\n") + b"\n" for lineno, raw in bad)
     _append_bytes(corrupt, lines)
-    from lit_latent.memory import write_atomic
-
     write_atomic(path, lambda tmp: tmp.write_bytes(b"".join(raw for _, raw, _ in good)))
     where = ", ".join(str(lineno) for lineno, _ in bad)
     print(f"warning: {path}: set aside {len(bad)} corrupt or partial line(s) (line {where}) in {corrupt}; "
@@ -103,6 +101,33 @@ def _append_bytes(path: Path, data: bytes) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then fsync and ``os.replace`` onto ``path``: readers see the old or the new file.
+    On failure (disk full, read-only) the temporary file is removed and the error names ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -166,11 +191,6 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def write_summary(run_dir: str | Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(records)
-    tmp = Path(run_dir) / (SUMMARY + ".tmp")
-    try:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(tmp)) from None
-    os.replace(tmp, Path(run_dir) / SUMMARY)
+    text = json.dumps(summary, indent=2) + "\n"
+    write_atomic(Path(run_dir) / SUMMARY, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return summary

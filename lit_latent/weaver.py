@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_latent.config import TrainerConfig, UserError, WeaverConfig
-from lit_latent.memory import write_atomic
+from lit_latent.results import write_atomic
 
 WEIGHTS, META = "weaver.safetensors", "weaver.json"
 FORMAT = "lit_latent.weaver/1"
