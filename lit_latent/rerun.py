@@ -24,7 +24,7 @@ from torch import Tensor
 from lit_latent import generation
 from lit_latent.generation import Generation, generate
 from lit_latent.heads import LogitHead
-from lit_latent.kvcache import CACHE, _left_pad, _positions, probed_once
+from lit_latent.kvcache import CACHE, _left_pad, _positions, holds_kv_cache, probed_once
 
 
 @torch.no_grad()
@@ -59,6 +59,34 @@ def _forward(model, ids: Tensor, mask: Tensor, cache, first: bool) -> Tensor:
     return model.base_model(**inputs).last_hidden_state
 
 
+class _Rows:
+    """What each row of a batched decode has generated, for the decodes here, which keep finished
+    rows in the batch: a finished row is fed padding and generates nothing more."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_ids: Sequence[int], device):
+        self.eos = torch.tensor(sorted(set(eos_ids)), device=device)
+        self.generated = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.steps = 0
+
+    def take(self, nxt: Tensor, pad_id: int) -> Tensor:
+        """Record one step's picks ``[B]``; returns what is fed next (finished rows: padding)."""
+        nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
+        self.counts += (~self.done).long()
+        is_eos = torch.isin(nxt, self.eos) & ~self.done
+        self.ended_at_eos |= is_eos
+        self.generated[:, self.steps] = torch.where(self.done | is_eos, torch.full_like(nxt, -1), nxt)
+        self.done |= is_eos
+        self.steps += 1
+        return nxt
+
+    def tokens(self, prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Per row: its prefix, then what it generated (EOS and padding removed)."""
+        return [list(prefix) + [t for t in row if t >= 0] for prefix, row in zip(prefixes, self.generated[:, : self.steps].tolist())]
+
+
 def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad_id, prefixes, temperature, top_p,
                            generators, return_hidden) -> Generation:
     from transformers import DynamicCache
@@ -71,7 +99,6 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts")
     batch = len(prompts)
-    eos = torch.tensor(sorted(set(eos_ids)), device=device)
     hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
 
     ids, mask = _left_pad([list(p) + list(x) for p, x in zip(prompts, prefixes)], pad_id, device)
@@ -85,36 +112,22 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
                 hidden_rows[i].append(states[i, width - len(prefix) - 1 : width - 1])
     last = states[:, -1]
 
-    generated = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
-    counts = torch.zeros(batch, dtype=torch.long, device=device)
-    ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = 0
+    rows = _Rows(batch, max_new_tokens, eos_ids, device)
     for step in range(max_new_tokens):
-        steps = step + 1
         nxt = pick(head(last).float(), temperature, top_p, generators)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if return_hidden:
-            for i in (~done).nonzero().squeeze(1).tolist():
+            for i in (~rows.done).nonzero().squeeze(1).tolist():
                 hidden_rows[i].append(last[i : i + 1])
-        counts += (~done).long()
-        is_eos = torch.isin(nxt, eos) & ~done
-        ended_at_eos |= is_eos
-        generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
-        done |= is_eos
-        if bool(done.all()) or step + 1 == max_new_tokens:
+        nxt = rows.take(nxt, pad_id)
+        if bool(rows.done.all()) or step + 1 == max_new_tokens:
             break
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last = _forward(model, ids, mask, cache, first=False)[:, -1]
 
-    generated = generated[:, :steps].tolist()
-    tokens, hidden = [], [] if return_hidden else None
-    for i in range(batch):
-        tokens.append(list(prefixes[i]) + [t for t in generated[i] if t >= 0])
-        if return_hidden:
-            hidden.append(torch.cat(hidden_rows[i], dim=0)[: len(tokens[i])])
-    return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
+    tokens = rows.tokens(prefixes)
+    hidden = [torch.cat(hidden_rows[i], dim=0)[: len(tokens[i])] for i in range(batch)] if return_hidden else None
+    return Generation(tokens=tokens, hidden=hidden, new_tokens=rows.counts.tolist(), finished=rows.ended_at_eos.tolist())
 
 
 @torch.no_grad()
@@ -124,29 +137,18 @@ def generate_from_embeddings(model, embeds: Tensor, mask: Tensor, *, max_new_tok
     ``[B, S]``; LTPO's thoughts), for a model whose cache is not held. A prompt of embeddings has no
     token ids for the model's own cache to re-run, so every step recomputes the whole sequence, the
     generated tokens appended as their input embeddings: slow, and right for any causal LM."""
-    device = embeds.device
     head, embed = LogitHead(model), model.get_input_embeddings()
-    eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    generated = torch.full((len(embeds), max_new_tokens), -1, dtype=torch.long, device=device)
-    counts = torch.zeros(len(embeds), dtype=torch.long, device=device)
-    ended_at_eos = torch.zeros(len(embeds), dtype=torch.bool, device=device)
-    done = torch.zeros(len(embeds), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
+    rows = _Rows(len(embeds), max_new_tokens, eos_ids, embeds.device)
+    for _ in range(max_new_tokens):
         states = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
                                   use_cache=False).last_hidden_state
-        nxt = head(states[:, -1]).float().argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        counts += (~done).long()
-        is_eos = torch.isin(nxt, eos) & ~done
-        ended_at_eos |= is_eos
-        generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
-        done |= is_eos
-        if bool(done.all()):
+        nxt = rows.take(head(states[:, -1]).float().argmax(-1), pad_id)
+        if bool(rows.done.all()):
             break
         embeds = torch.cat([embeds, embed(nxt)[:, None].to(embeds.dtype)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    tokens = [[t for t in row if t >= 0] for row in generated.tolist()]
-    return Generation(tokens=tokens, hidden=None, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
+    return Generation(tokens=rows.tokens([[] for _ in embeds]), hidden=None, new_tokens=rows.counts.tolist(),
+                      finished=rows.ended_at_eos.tolist())
 
 
 _PROBED = "_lit_latent_steps_with_own_cache"  # where steps_with_own_cache's answer is kept
@@ -187,8 +189,6 @@ def decoding_path(model) -> str:
     (the fast path: prompt cache reused, rows selected, buffers grown in place), ``"own cache"``
     (transformers' cache object, prompt and prefix re-run per generation: recurrent and convolution
     states) or ``"recompute"`` (no cache: the whole sequence at every step)."""
-    from lit_latent.kvcache import holds_kv_cache
-
     if holds_kv_cache(model):
         return "kv cache"
     return "own cache" if steps_with_own_cache(model) else "recompute"
