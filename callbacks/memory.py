@@ -50,6 +50,7 @@ class MemoryCallback(Callback):
                 [r["id"] for r in keep],
                 [r["_archive"].get("answer") for r in keep],  # evolve.archive=answer: the answer found, its iterations
                 [r["_archive"].get("iterations", 0) for r in keep],
+                [r["_archive"].get("keys") for r in keep],  # how a problem met again is recognised (evolve.recall)
                 pending=True,  # until the writer has the batch's records on disk
             )
 

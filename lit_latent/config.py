@@ -257,9 +257,10 @@ class EvolveConfig(SearchConfig):
     behind the answer chosen, the whole of them kept beside z* = their first L', with the
     iterations the search spent, so that the problem met again can start from that answer)."""
     recall: Optional[float] = None
-    """samples=1: a problem whose nearest memory has at least this cosine similarity and holds an
-    answer (archive=answer) is that problem met again: its initial answer is the remembered one,
-    and its search goes on from it with the iterations the remembered search left (null: never)."""
+    """samples=1, archive=answer: recall a problem met again, which starts from the remembered
+    answer. Its own prompt again is always recalled, with the iterations the remembered search
+    left; the same numbers in the same order under other words are recalled at this cosine of e
+    or more when the remembered answer passed, with a whole K (null: never recall)."""
     night_every: int = 200
     """T: train the latent weaver after every T problems of a run (paper: 200; 0: never)."""
 

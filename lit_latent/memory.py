@@ -1,10 +1,11 @@
 """LatentEvolve's episodic memory: entries ``(e, z_base, z*, score, problem id)`` on disk and in RAM,
 and, where the day search archived what it found (``evolve.archive=answer``), the latents of the
-answer it found and the iterations its search spent.
+answer it found, the iterations its search spent and the problem's two recall keys (its exact
+prompt, the numbers it states: ``problem_keys``).
 
 On disk a memory is a folder of safetensors shards (float32 ``e [n, D]``, ``z_base`` and
 ``z_star [n, L', d]``; with answers also ``answer [sum of lengths, d]``, ``answer_length [n]``
-and ``iterations [n]``) plus ``manifest.json`` (model id, latent size ``d`` under the key
+and ``iterations [n]``; with keys ``prompt_key [n]`` and ``numbers_key [n]``, int64) plus ``manifest.json`` (model id, latent size ``d`` under the key
 ``hidden_size``, latent count, the rewards its entries were scored by and whether any of them
 uses gold labels, and per shard its problem ids and scores). ``d`` is ``lm_head``'s input size
 (``heads.latent_size``), which is not ``config.hidden_size`` where a model projects out (OPT).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -55,11 +57,27 @@ class Neighbours:
     answers: Optional[list[Tensor]] = None  # [L_j, d] each: the latents of the answer the search found ([0, d]: none)
     iterations: Optional[list[int]] = None  # the iterations the search that found it spent
     scores: Optional[list[float]] = None
+    keys: Optional[list[tuple[int, int]]] = None  # problem_keys of each entry's problem ((0, 0): not kept)
 
     def to(self, device) -> "Neighbours":
         answers = None if self.answers is None else [a.to(device) for a in self.answers]
         return Neighbours(self.e.to(device), self.z_base.to(device), self.z_star.to(device), self.similarity.to(device), self.ids,
-                          answers, self.iterations, self.scores)
+                          answers, self.iterations, self.scores, self.keys)
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True) or 1
+
+
+def problem_keys(prompt_ids: Sequence[int], problem_text: str) -> tuple[int, int]:
+    """The keys by which a problem met again is recognised (``evolve.recall``): one of its exact
+    prompt (token ids) and one of the numbers its text states, in order (0 when it states none).
+    64 bits of sha256 each; 0 never names a prompt, so entries without keys match nothing."""
+    numbers = _NUMBER.findall(problem_text)
+    return _key(",".join(map(str, prompt_ids))), _key("|".join(numbers)) if numbers else 0
 
 
 def check_labels(made_with_labels: Optional[bool], run_uses_labels: bool, key: str, where) -> None:
@@ -131,6 +149,7 @@ class EpisodicMemory:
         self._e, self._e_unit, self._z_base, self._z_star = _Rows(), _Rows(), _Rows(), _Rows()
         self._answers: list[Tensor] = []  # per entry, [L, d] ([0, d]: no answer archived)
         self._iterations: list[int] = []
+        self._keys: list[tuple[int, int]] = []
         self._faiss_index = None
         if backend == "faiss":
             try:
@@ -176,7 +195,7 @@ class EpisodicMemory:
             if shard.get("pending") and recorded is None:
                 self._shards.append(entry)  # a running (or killed) adapt run's: not ours to settle
                 continue
-            e, z_base, z_star, answers, iterations = self._load_shard(shard["file"], shard.get("sha256"), ids, scores)
+            e, z_base, z_star, answers, iterations, keys = self._load_shard(shard["file"], shard.get("sha256"), ids, scores)
             if shard.get("pending"):
                 settled = True
                 keep = [j for j, pid in enumerate(ids) if pid in recorded]
@@ -185,10 +204,10 @@ class EpisodicMemory:
                     if keep:  # (a record set aside as corrupt): the others are archived again below
                         rows = torch.tensor(keep)
                         readd.append((e[rows], z_base[rows], z_star[rows], [scores[j] for j in keep], [ids[j] for j in keep],
-                                      [answers[j] for j in keep], [iterations[j] for j in keep]))
+                                      [answers[j] for j in keep], [iterations[j] for j in keep], [keys[j] for j in keep]))
                     continue
                 entry.pop("pending")
-            self._append(e, z_base, z_star, scores, ids, answers, iterations)
+            self._append(e, z_base, z_star, scores, ids, answers, iterations, keys)
             self._shards.append(entry)
         if settled:
             dropped = [f for f in self._dropped if (self.path / f).exists()]
@@ -215,6 +234,7 @@ class EpisodicMemory:
             tensors = load_bytes(data)
             e, z_base, z_star = tensors["e"], tensors["z_base"], tensors["z_star"]
             answers, iterations = _answers_of(tensors, len(ids), self.hidden_size)
+            keys = _keys_of(tensors, len(ids))
         except Exception as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise UserError(f"memory at {self.path}: shard {name} is unreadable or truncated ({reason})") from None
@@ -222,7 +242,7 @@ class EpisodicMemory:
         shapes = (tuple(e.shape), tuple(z_base.shape), tuple(z_star.shape))
         if len(scores) != len(ids) or shapes != ((len(ids), self.e_size), expected, expected):
             raise UserError(f"memory at {self.path}: shard {name} does not match {MANIFEST} (shapes or entry count)")
-        return e, z_base, z_star, answers, iterations
+        return e, z_base, z_star, answers, iterations, keys
 
     def _write_manifest(self, shards: list[dict], **fields) -> None:
         manifest = {
@@ -316,16 +336,18 @@ class EpisodicMemory:
             self._e.view().index_select(0, index), self._z_base.view().index_select(0, index),
             self._z_star.view().index_select(0, index), sims, [self._ids[i] for i in rows],
             [self._answers[i] for i in rows], [self._iterations[i] for i in rows], [self._scores[i] for i in rows],
+            [self._keys[i] for i in rows],
         )
 
     # --- writing -------------------------------------------------------------------------------
 
     def add(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], problem_ids: list[str],
             answers: Optional[Sequence[Optional[Tensor]]] = None, iterations: Optional[Sequence[int]] = None,
-            pending: bool = False) -> None:
+            keys: Optional[Sequence[Optional[tuple[int, int]]]] = None, pending: bool = False) -> None:
         """Archive a batch ``e [B, D]``, ``z_base``/``z_star [B, L', d]`` as one new shard; known ids are skipped.
         ``answers[b]``: the latents ``[L_b, d]`` of the answer the search found (None: none);
-        ``iterations[b]``: the iterations that search spent. ``pending``: the batch's records are not
+        ``iterations[b]``: the iterations that search spent. ``keys[b]``: its problem's
+        ``problem_keys`` (None: not kept). ``pending``: the batch's records are not
         written yet (``commit`` once they are)."""
         n = len(problem_ids)
         if e.dim() != 2 or z_base.dim() != 3 or z_base.shape != z_star.shape or not (len(e) == len(z_base) == len(scores) == n):
@@ -360,6 +382,10 @@ class EpisodicMemory:
         iterations = [0 if iterations is None else int(iterations[i]) for i in keep]
         found = {"answer": torch.cat(answers).contiguous(), "answer_length": torch.tensor([len(a) for a in answers]),
                  "iterations": torch.tensor(iterations)} if any(len(a) for a in answers) else {}
+        keys = [(0, 0) if keys is None or keys[i] is None else (int(keys[i][0]), int(keys[i][1])) for i in keep]
+        if any(k != (0, 0) for k in keys):
+            found |= {"prompt_key": torch.tensor([k[0] for k in keys], dtype=torch.int64),
+                      "numbers_key": torch.tensor([k[1] for k in keys], dtype=torch.int64)}
         e_size, latent_count = e.shape[1], z_base.shape[1]
         rewards = self.rewards + [self.reward] if self.reward and self.reward not in self.rewards else self.rewards
         # labels once used stay recorded; "no labels" only when every writer said so
@@ -381,13 +407,14 @@ class EpisodicMemory:
         # RAM changes only once the manifest is on disk
         self.e_size, self.latent_count = e_size, latent_count
         self.rewards, self._uses_labels = rewards, uses_labels
-        self._append(e, z_base, z_star, scores, ids, answers, iterations)
+        self._append(e, z_base, z_star, scores, ids, answers, iterations, keys)
 
     def _append(self, e: Tensor, z_base: Tensor, z_star: Tensor, scores: list[float], ids: list[str],
-                answers: list[Tensor], iterations: list[int]) -> None:
+                answers: list[Tensor], iterations: list[int], keys: list[tuple[int, int]]) -> None:
         unit = _normalise(e)
         self._answers.extend(answers)
         self._iterations.extend(iterations)
+        self._keys.extend(keys)
         self._e.append(e)
         self._e_unit.append(unit)
         self._z_base.append(z_base)
@@ -438,6 +465,13 @@ def _answers_of(tensors: dict[str, Tensor], n: int, d: int) -> tuple[list[Tensor
     if len(lengths) != n or sum(lengths) != len(tensors["answer"]):
         raise ValueError(f"answer lengths {sum(lengths)} do not match the {len(tensors['answer'])} answer rows")
     return list(torch.split(tensors["answer"], lengths)), [int(i) for i in tensors["iterations"].tolist()]
+
+
+def _keys_of(tensors: dict[str, Tensor], n: int) -> list[tuple[int, int]]:
+    """A shard's problem keys ((0, 0) each where it holds none: written before keys were kept)."""
+    if "prompt_key" not in tensors:
+        return [(0, 0)] * n
+    return list(zip(tensors["prompt_key"].tolist(), tensors["numbers_key"].tolist()))
 
 
 def _read_manifest(path: Path) -> Optional[dict]:

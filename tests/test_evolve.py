@@ -431,6 +431,7 @@ def test_a_passing_refinement_archives_the_latents_behind_its_answer(tiny_model,
     reopened = EpisodicMemory.open(tmp_path / "mem")
     nb = reopened.search(records[0]["_archive"]["e"], 1)[0]
     assert nb.ids == [records[0]["id"]] and nb.iterations == [2]
+    assert nb.keys == [records[0]["_archive"]["keys"]] and all(k != 0 for k in nb.keys[0])  # how it is recognised again
     torch.testing.assert_close(nb.answers[0], records[0]["_archive"]["answer"])
     # a search without the answer archive (the paper's rule) stores no answer
     plain = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n >= 3), **anchored(archive="z_star"))
@@ -451,7 +452,7 @@ def test_a_recurring_problem_retrieves_its_earlier_occurrence_first_and_starts_f
         first = latent_evolve(engine, problems, reward, cfg.evolve, memory)
     for r in first:
         a = r["_archive"]
-        memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], [r["id"]], [a["answer"]], [a["iterations"]])
+        memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], [r["id"]], [a["answer"]], [a["iterations"]], [a["keys"]])
     # the same problems again under new ids, in another order: found by their content
     again = [dict(p, id=f"{p['id']}-again") for p in reversed(problems)]
     with torch.enable_grad():
@@ -483,16 +484,49 @@ def test_a_recalled_search_has_only_the_iterations_its_earlier_search_left(tiny_
         [r] = latent_evolve(engine, [problem], PaysByCount(lambda n: False), cfg.evolve, memory)
     a = r["_archive"]
     assert a["iterations"] == 4  # K spent without a pass
-    memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], ["q1"], [a["answer"]], [a["iterations"]])
+    memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], ["q1"], [a["answer"]], [a["iterations"]], [a["keys"]])
     with torch.enable_grad():
         [again] = latent_evolve(engine, [dict(problem, id="q1-again")], PaysByCount(lambda n: False), cfg.evolve, memory)
     assert again["recalled"] == "q1" and again["generations"] == 0  # nothing left to search: its best answer stands
-    # another prompt (the tiny model's e cannot tell these apart: the bar is raised out of reach) is
-    # not given an answer whose search failed: it starts from its own CoT with a whole K
-    monkeypatch.setattr(latentevolve, "SAME_PROMPT", 2.0)
+    # the same numbers under other words are not given an answer whose search failed (at any
+    # cosine here: the tiny model's e cannot tell prompts apart): its own CoT and a whole K
+    cfg.evolve.recall = -1.0
     with torch.enable_grad():
-        [other] = latent_evolve(engine, [dict(problem, id="q2", problem="What is 9 + 7?")], PaysByCount(lambda n: False), cfg.evolve, memory)
+        [other] = latent_evolve(engine, [dict(problem, id="q2", problem="Add 7 and 9.")], PaysByCount(lambda n: False), cfg.evolve, memory)
     assert "recalled" not in other and other["neighbours"] == ["q1"] and other["iterations"] == 4
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)
+def test_a_problem_reworded_with_the_same_numbers_starts_from_a_passing_answer_other_numbers_do_not(tiny_model, char_tokenizer):
+    from lit_latent.methods.latentevolve import latent_evolve
+
+    cfg = AdaptConfig(method="latentevolve", generation=GenerationConfig(max_new_tokens=8))
+    cfg.evolve = EvolveConfig(latent_count=3, top_k=2, night_every=0, lr=0.5, recall=-1.0, **anchored(reanchor=True))
+    engine = Engine(tiny_model, char_tokenizer, cfg)
+    problem = {"id": "q1", "problem": "Ann has 7 pens and buys 9. How many?", "answer": "16", "choices": None}
+    memory = EpisodicMemory(None, "tiny", 32)
+    with torch.enable_grad():
+        [first] = latent_evolve(engine, [problem], PaysByCount(lambda n: n >= 3), cfg.evolve, memory)
+    a = first["_archive"]
+    assert a["score"] == 1.0 and a["iterations"] == 2
+    memory.add(a["e"][None], a["z_base"][None], a["z_star"][None], [a["score"]], ["q1"], [a["answer"]], [a["iterations"]], [a["keys"]])
+    reworded = dict(problem, id="q1-reworded", problem="Bob has 7 cups and gets 9. How many?")
+    other = dict(problem, id="q9", problem="Ann has 9 pens and buys 7. How many?")  # the numbers in another order
+    reward = PaysByCount(lambda n: n >= 3)
+    reward.seen[reworded["id"]] = 2  # its first answer scored passes: the recalled one
+    with torch.enable_grad():
+        again, fresh = latent_evolve(engine, [reworded, other], reward, cfg.evolve, memory)
+    # the reworded one starts from the remembered answer (its latents' prefix, finished here) and,
+    # passing, needs no search; the other starts from its own CoT and searches as usual
+    assert again["recalled"] == "q1" and again["generations"] == 0 and again["rewards"] == [1.0]
+    prefix = char_tokenizer.decode(decode_latents(tiny_model.get_output_embeddings(), a["answer"]))
+    assert again["initial_output"].startswith(prefix) and len(prefix) > 0
+    assert "recalled" not in fresh and fresh["neighbours"] == ["q1"] and fresh["generations"] == 2
+    # a reworded problem below the recall similarity is not recalled
+    cfg.evolve.recall = 1.0
+    with torch.enable_grad():
+        [below] = latent_evolve(engine, [dict(reworded, id="q1-reworded-2")], PaysByCount(lambda n: n >= 3), cfg.evolve, memory)
+    assert "recalled" not in below and below["generations"] == 2
 
 
 def test_answer_archive_and_recall_need_the_greedy_search():

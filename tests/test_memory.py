@@ -180,3 +180,13 @@ def test_manifest_records_whether_labels_scored_the_entries(tmp_path):
     clean.add(*batch(2))
     assert EpisodicMemory.open(tmp_path / "clean").uses_labels is False
     assert EpisodicMemory(tmp_path / "old", "tiny", HIDDEN).uses_labels is None  # not said
+
+
+def test_problem_keys_name_the_exact_prompt_and_the_numbers_in_order():
+    from lit_latent.memory import problem_keys
+
+    prompt, numbers = problem_keys([5, 6, 7], "Ann has 7 pens and buys 9.")
+    assert problem_keys([5, 6, 7], "Bob has 7 cups and gets 9.")[1] == numbers  # reworded: same numbers
+    assert problem_keys([5, 6, 8], "Ann has 7 pens and buys 9.")[0] != prompt  # another prompt
+    assert problem_keys([5, 6, 7], "Ann has 9 pens and buys 7.")[1] != numbers  # another order
+    assert problem_keys([1], "No numbers here.")[1] == 0 and prompt != 0

@@ -15,7 +15,8 @@ With ``evolve.samples=1`` the refinement is LatentSeek's greedy search instead
 (``greedy_day``): one candidate per step, optionally edited from the reward's first failing
 line and re-anchored at each candidate that scores at least as well (``evolve.edit_from``,
 ``evolve.reanchor``), from the same start z_0. There ``evolve.archive=answer`` archives the
-latents behind the answer chosen, and ``evolve.recall`` lets a problem met again start from it.
+latents behind the answer chosen, and ``evolve.recall`` lets a problem met again start from it
+(its own prompt again, or reworded with the same numbers: ``recalled_entry``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lit_latent.config import EvolveConfig
 from lit_latent.engine import Engine
 from lit_latent.kvcache import encode_prompts
 from lit_latent.latents import decode_latents, keep_through_first_change, latent_count, momentum_init
+from lit_latent.memory import Neighbours, problem_keys
 from lit_latent.records import add_candidate, choose_best, judge
 from lit_latent.rewards import Reward
 from lit_latent.search import LatentSearch, Seeking
@@ -177,10 +179,34 @@ def starting_latents(e, z_base, usable, records, found, weaver) -> list[torch.Te
     return starts
 
 
-SAME_PROMPT = 0.99999
-"""Cosine of ``e`` from which a recalled entry is the same prompt: a verbatim repeat measures at
-least 0.9999994 on the embedded model (rounding with other batch rows), two different problems
-of its held-out file at most 0.99975."""
+@dataclass
+class Recalled:
+    """A remembered answer a problem starts from."""
+
+    id: str
+    similarity: float
+    answer: torch.Tensor  # [L, d]: the latents behind the remembered answer (they decode to it)
+    z_base: torch.Tensor
+    spent: int
+    """The iterations the remembered search spent, counted against K: its own prompt again only (the
+    search is deterministic and would run again as it ran); a reworded problem has a whole K."""
+
+
+def recalled_entry(nb: Neighbours, keys: tuple[int, int], min_similarity: float, passing: float) -> Optional[Recalled]:
+    """The retrieved entry that is this problem met again, if any (docs/algorithms.md §2): one of its
+    own prompt, whatever its search scored; else one reworded with the same numbers in the same
+    order, at least ``min_similarity`` (cosine of e) and whose answer passed (reward >= ``passing``):
+    a failed answer is a poor anchor for a search of its own."""
+    with_answer = [j for j in range(len(nb.ids)) if nb.answers and len(nb.answers[j]) and nb.keys]
+    prompt_key, numbers_key = keys
+    same = next((j for j in with_answer if nb.keys[j][0] == prompt_key), None)
+    if same is not None:
+        return Recalled(nb.ids[same], float(nb.similarity[same]), nb.answers[same], nb.z_base[same], nb.iterations[same])
+    reworded = next((j for j in with_answer if numbers_key and nb.keys[j][1] == numbers_key
+                     and float(nb.similarity[j]) >= min_similarity and nb.scores[j] >= passing), None)
+    if reworded is None:
+        return None
+    return Recalled(nb.ids[reworded], float(nb.similarity[reworded]), nb.answers[reworded], nb.z_base[reworded], 0)
 
 
 def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: EvolveConfig, memory, weaver) -> list[dict]:
@@ -191,15 +217,13 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
     state = encode_prompts(engine.model, prompts, engine.pad_id)
     cached = None if engine.reference_mode else state
     e = state.last.float()
+    keys = [problem_keys(prompts[i], p["problem"]) for i, p in enumerate(problems)]
     found = neighbours(memory, e, problems, cfg.top_k)
-    # 1. evolve.recall: a problem whose nearest memory is that similar and holds an answer is that
-    # problem met again; its initial answer is the remembered answer's prefix, finished by the model.
-    # An answer whose search failed is recalled only by the same prompt: a reworded problem may
-    # well be solved by a search of its own (and the memory has nothing better to give it)
-    recalled = {i: nb for i, nb in enumerate(found or []) if cfg.recall is not None and nb.ids and nb.answers
-                and float(nb.similarity[0]) >= cfg.recall and len(nb.answers[0])
-                and (nb.scores[0] >= threshold or float(nb.similarity[0]) >= SAME_PROMPT)}
-    prefixes = [decode_latents(engine.lm_head, recalled[i].answers[0]) if i in recalled else [] for i in range(n)]
+    # 1. evolve.recall: a problem met again (recalled_entry) starts from the remembered answer: its
+    # latents' prefix, finished by the model, is the initial answer
+    recalled = {} if cfg.recall is None else {i: r for i, nb in enumerate(found or [])
+                                              if (r := recalled_entry(nb, keys[i], cfg.recall, threshold)) is not None}
+    prefixes = [decode_latents(engine.lm_head, recalled[i].answer) if i in recalled else [] for i in range(n)]
     # 2. the others' initial answer: the greedy CoT, with e and z_base; every initial answer is scored
     first = engine.generate(prompts, prefixes=prefixes, return_hidden=True, prompt_state=cached)
     texts = engine.decode(first.tokens)
@@ -209,10 +233,10 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
                for i, p in enumerate(problems)]
     for i, nb in enumerate(found or []):
         records[i]["neighbours"] = list(nb.ids)
-    for i, nb in recalled.items():
-        records[i].update(recalled=nb.ids[0], recall_similarity=float(nb.similarity[0]))
+    for i, r in recalled.items():
+        records[i].update(recalled=r.id, recall_similarity=r.similarity)
     # a recalled problem's own CoT was not generated: its z_base is the remembered one's
-    z_base = [recalled[i].z_base[0].float() if i in recalled else first.hidden[i][:count_of].detach().float() for i in range(n)]
+    z_base = [recalled[i].z_base.float() if i in recalled else first.hidden[i][:count_of].detach().float() for i in range(n)]
     # answers shorter than L' cannot be compared with the memory: they search without a transferred start
     usable = [i for i in range(n) if z_base[i].shape[0] == count_of and i not in recalled]
 
@@ -225,15 +249,11 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
     for i in range(n):
         size = len(prefixes[i]) if i in recalled else (latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho
                                                       else min(count_of, len(first.tokens[i])))
-        z = recalled[i].answers[0].float() if i in recalled else first.hidden[i][:size].float()
+        z = recalled[i].answer.float() if i in recalled else first.hidden[i][:size].float()
         behind[i] = [z.detach().clone()]
         if not size or scores.rewards[i] >= threshold:
             continue
-        # the remembered search's iterations are spent only for the same prompt (the search is
-        # deterministic: it would run again as it ran); a reworded one searches on from the
-        # remembered answer with a whole K
-        same = i in recalled and float(recalled[i].similarity[0]) >= SAME_PROMPT
-        spent = recalled[i].iterations[0] if same else 0
+        spent = recalled[i].spent if i in recalled else 0
         seeking[i] = Seeking(original=first.tokens[i][:size], reward=scores.rewards[i], anchor=scores.rewards[i], steps=spent)
         if seeking[i].steps >= cfg.max_steps:
             continue
@@ -277,5 +297,5 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
         rec["_archive"] = {"e": e[i].detach().cpu(), "z_base": z_base[i].cpu(), "z_star": z_star.detach().cpu(),
                            "score": rec["rewards"][chosen]}
         if cfg.archive == "answer":
-            rec["_archive"].update(answer=latents.cpu(), iterations=seeking[i].steps if i in seeking else 0)
+            rec["_archive"].update(answer=latents.cpu(), iterations=seeking[i].steps if i in seeking else 0, keys=keys[i])
     return records
