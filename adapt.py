@@ -51,7 +51,7 @@ def main(argv: list[str]) -> dict:
         merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done
     done = {r["id"] for r in read_records(run_dir / "predictions.jsonl")}
     L.seed_everything(cfg.seed, verbose=False)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, run_dir)
 
     writer = PredictionWriter(run_dir)
     callbacks = [TQDMProgressBar()]
