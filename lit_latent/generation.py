@@ -83,6 +83,8 @@ def load_model(cfg: ModelConfig, run_dir: Optional[Path] = None):
         needs_remote_code()
         raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {_first_line(e)}") from None
     placement = {}
+    if isinstance(cfg.device_map, dict):
+        _check_map_names(config, cfg.device_map, cfg.trust_remote_code)
     if cfg.device_map is not None:
         offload = cfg.offload_folder or (str(Path(run_dir) / "offload") if run_dir is not None else None)
         placement = dict(device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=offload)
@@ -114,6 +116,26 @@ def load_model(cfg: ModelConfig, run_dir: Optional[Path] = None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_map_names(config, device_map: dict, trust_remote_code: bool) -> None:
+    """Every module a device map names exists and every weight is placed: transformers loads a
+    weight the map leaves out onto the CPU without a word, where the layers around it cannot reach it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # the model's structure on meta, no weights read
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    modules = {name for name, _ in empty.named_modules()}
+    unknown = [name for name in device_map if name not in modules]
+    if unknown:
+        raise UserError(f"config key model.device_map: {config.model_type} has no module {unknown[0]!r} "
+                        f"(its top modules: {', '.join(n for n, _ in empty.named_children())})")
+    placed = lambda w: any(m == "" or w == m or w.startswith(m + ".") for m in device_map)  # noqa: E731
+    missing = [name for name, _ in empty.named_parameters() if not placed(name)]
+    if missing:
+        raise UserError(f"config key model.device_map: places no module holding {missing[0]} "
+                        f"({len(missing)} weights unplaced); map every module, or use auto")
 
 
 def _nonfinite_weight(model) -> Optional[str]:
