@@ -439,6 +439,15 @@ class PerfConfig:
         _positive("perf.max_active", self.max_active, allow_zero=True)
 
 
+def refuse_fsdp(trainer: "TrainerConfig", instead: str) -> None:
+    """Lightning 2.6 runs FSDP on CUDA only (its accelerator connector refuses any other
+    accelerator), so no FSDP run of ours can be tested on the CPU our tests run on; what fits no
+    single GPU goes through model.device_map instead."""
+    if "fsdp" in str(trainer.strategy).lower():
+        raise UserError(f"config key trainer.strategy: {trainer.strategy} is not supported (Lightning runs FSDP on CUDA "
+                        f"only, untested here): {instead}")
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
@@ -492,6 +501,7 @@ class AdaptConfig:
             raise UserError(f"config key reward.kind: method ltpo scores its thoughts by confidence (reward.kind=confidence), got {self.reward.kind}")
         if self.method == "ltpo" and self.perf.reference_mode:
             raise UserError("config key perf.reference_mode: method ltpo answers from input embeddings through the KV cache, which reference mode has not")
+        refuse_fsdp(self.trainer, "shard the problems with ddp, and spread a model larger than one GPU with model.device_map")
         if self.model.device_map is not None:
             check_one_process(self.trainer, "model.device_map")
             if self.perf.compile:
@@ -514,3 +524,6 @@ class TrainConfig:
     """Seed of the split and of training."""
     config_name: str = "train"
     """Name of the YAML the run came from (set by the loader)."""
+
+    def __post_init__(self) -> None:
+        refuse_fsdp(self.trainer, "train the weaver with ddp (each rank holds the whole LoRA backbone and trains its adapters)")
