@@ -6,6 +6,7 @@
     python adapt.py reward.kind=verifier data.path=../shared/data/gsm8k_test.jsonl \\
         model.path=/models/Qwen2.5-7B-Instruct model.dtype=bfloat16 trainer.accelerator=gpu
     python adapt.py trainer.devices=8 trainer.strategy=ddp ...   # problems sharded over ranks
+    python adapt.py model.device_map=auto "model.max_memory={0: 75GiB, 1: 75GiB}" ...   # one model over two GPUs
     python adapt.py --help                             # every key, its default and meaning
 
 Results go to ``run_dir`` (config.yaml, predictions.jsonl, summary.json, logs/); rerunning

@@ -460,16 +460,16 @@ class TrainerConfig:
     """lightning.Trainer precision, e.g. bf16-mixed (null: Lightning's default)."""
 
 
-def check_one_process(trainer: "TrainerConfig", why: str) -> None:
+def check_one_process(trainer: "TrainerConfig", key: str) -> None:
     """A device map spreads one model over the devices of one process: several processes (DDP,
     FSDP, DeepSpeed) would each load it over the same devices."""
     devices = trainer.devices
     one = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
     if not one:
-        raise UserError(f"config key {why}: spreads one model over the devices of one process; it runs with "
+        raise UserError(f"config key {key}: spreads one model over the devices of one process; it runs with "
                         f"trainer.devices=1 (got {devices}; the device map itself says which GPUs hold the layers)")
     if any(name in str(trainer.strategy).lower() for name in ("ddp", "fsdp", "deepspeed")):
-        raise UserError(f"config key {why}: spreads one model over the devices of one process; it cannot be combined "
+        raise UserError(f"config key {key}: spreads one model over the devices of one process; it cannot be combined "
                         f"with trainer.strategy={trainer.strategy}")
 
 
