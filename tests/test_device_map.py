@@ -49,6 +49,7 @@ METHODS = {
     "latentevolve": ["--config", "configs/latentevolve_tuned.yaml", "evolve.max_steps=2", "evolve.samples=2", "evolve.latent_count=4", "evolve.archive_threshold=0",
                      "evolve.night_every=2", "weaver.max_epochs=2"],
     "ltpo": ["--config", "configs/ltpo.yaml", "ltpo.steps=2"],
+    "ltpo_reinforce": ["--config", "configs/ltpo.yaml", "ltpo.steps=2", "ltpo.gradient=reinforce"],
 }
 
 

@@ -69,7 +69,7 @@ def ltpo(engine: Engine, problems: list[dict], cfg: LtpoConfig, top_k: int) -> l
             objective = scores.sum()
         else:
             log_policy = -((noisy.detach() - thoughts[index]) ** 2).sum((1, 2)) / (2 * sigma**2)
-            objective = (scores.detach() * log_policy).sum()
+            objective = (scores.detach().to(log_policy.device) * log_policy).sum()  # device map: scores come from lm_head's device
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
