@@ -6,6 +6,7 @@
     python adapt.py reward.kind=verifier data.path=../shared/data/gsm8k_test.jsonl \\
         model.path=/models/Qwen2.5-7B-Instruct model.dtype=bfloat16 trainer.accelerator=gpu
     python adapt.py trainer.devices=8 trainer.strategy=ddp ...   # problems sharded over ranks
+    python adapt.py model.device_map=auto "model.max_memory={0: 75GiB, 1: 75GiB}" ...   # one model over two GPUs
     python adapt.py --help                             # every key, its default and meaning
 
 Results go to ``run_dir`` (config.yaml, predictions.jsonl, summary.json, logs/); rerunning
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> dict:
         merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done
     done = {r["id"] for r in read_records(run_dir / "predictions.jsonl")}
     L.seed_everything(cfg.seed, verbose=False)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, run_dir)
 
     writer = PredictionWriter(run_dir)
     callbacks = [TQDMProgressBar()]

@@ -8,6 +8,7 @@ print without a traceback (exit code 2). ``lit_latent.cli`` merges YAML files an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -72,6 +73,47 @@ def scheme_weights(scheme: str, overrides: Optional[dict] = None) -> dict[str, f
     return weights
 
 
+# device maps whose placement accelerate plans from the devices' memory (model.max_memory)
+PLANNED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# accelerate's units (accelerate.utils.convert_file_size_to_int); a lower-case b counts bits
+_SIZE = re.compile(r"^\s*\d+(\.\d*)?\s*(GIB|MIB|KIB|GB|MB|KB)\s*$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(cpu|disk|mps|[a-z]+:\d+)$")
+
+
+def _check_device_map(device_map: Any) -> None:
+    key = "config key model.device_map"
+    if device_map is None or device_map in PLANNED_MAPS:
+        return
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, dict)):
+        raise UserError(f"{key}: {' / '.join(PLANNED_MAPS)}, a device, or a mapping of module names to devices, got {device_map!r}")
+    if device_map == "disk":
+        raise UserError(f"{key}: disk alone would put the whole model on disk; map some modules to disk "
+                        "({{model.layers.5: disk, ...}}) or use auto with model.max_memory")
+    places = device_map.items() if isinstance(device_map, dict) else [("", device_map)]
+    for module, device in places:
+        if not isinstance(module, str):
+            raise UserError(f"{key}: module names are strings (model.layers.3, lm_head; '' for the whole model), got {module!r}")
+        ok = (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or (
+            isinstance(device, str) and bool(_DEVICE.match(device)) and (isinstance(device_map, dict) or device != "disk"))
+        if not ok:
+            where = f" for {module}" if module else ""
+            raise UserError(f"{key}: {device!r}{where} is not a device (a GPU number, cpu, disk or a name like cuda:1)"
+                            f"{'' if isinstance(device_map, dict) else ', nor ' + ' / '.join(PLANNED_MAPS)}")
+
+
+def _check_max_memory(max_memory: dict) -> None:
+    if not max_memory:
+        raise UserError("config key model.max_memory: give at least one device, e.g. {0: 70GiB, cpu: 200GiB}")
+    for device, size in max_memory.items():
+        if size is None and ":" in str(device):  # YAML reads {cpu:2MB} as the key "cpu:2MB"
+            raise UserError(f"config key model.max_memory: {device!r} has no size; write a space after the colon ({{cpu: 2MB}})")
+        if not ((isinstance(device, int) and not isinstance(device, bool) and device >= 0) or device in ("cpu", "disk", "mps")):
+            raise UserError(f"config key model.max_memory: {device!r} is not a device (a GPU number, cpu, disk or mps)")
+        if isinstance(size, bool) or not ((isinstance(size, int) and size > 0) or (isinstance(size, str) and _SIZE.match(size))):
+            raise UserError(f"config key model.max_memory: {device}: {size!r} is not a size (bytes, or a number with "
+                            "KB, MB, GB, KiB, MiB or GiB, e.g. 70GiB)")
+
+
 @dataclass
 class ModelConfig:
     path: str = str(MODEL_DIR)
@@ -80,9 +122,23 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run the modelling code a model directory ships (auto_map in its config.json): only for code you trust."""
+    device_map: Any = None
+    """Spread a model larger than one device over several with transformers' device maps (accelerate): auto, balanced, balanced_low_0, sequential, one device (cuda:1), or {module name: device} with devices GPU numbers, cpu or disk (null: one device, the Trainer's)."""
+    max_memory: Optional[dict[Any, Any]] = None
+    """With device_map auto, balanced, balanced_low_0 or sequential: the most each device may hold, e.g. {0: 70GiB, cpu: 200GiB}; what fits nowhere goes to disk (null: each device's free memory)."""
+    offload_folder: Optional[str] = None
+    """Where the layers a device map puts on disk are read from (default: <run_dir>/offload; safetensors checkpoints are read in place)."""
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)
+        _check_device_map(self.device_map)
+        if self.max_memory is not None:
+            if self.device_map not in PLANNED_MAPS:
+                raise UserError(f"config key model.max_memory: sizes devices for model.device_map={' / '.join(PLANNED_MAPS)}, "
+                                f"got model.device_map={self.device_map}")
+            _check_max_memory(self.max_memory)
+        if self.offload_folder is not None and self.device_map is None:
+            raise UserError("config key model.offload_folder: holds the layers a device map puts on disk; set model.device_map too")
 
 
 @dataclass
@@ -384,6 +440,15 @@ class PerfConfig:
         _positive("perf.max_active", self.max_active, allow_zero=True)
 
 
+def refuse_fsdp(trainer: "TrainerConfig", instead: str) -> None:
+    """Lightning 2.6 runs FSDP on CUDA only (its accelerator connector refuses any other
+    accelerator), so no FSDP run of ours can be tested on the CPU our tests run on; what fits no
+    single GPU goes through model.device_map instead."""
+    if "fsdp" in str(trainer.strategy).lower():
+        raise UserError(f"config key trainer.strategy: {trainer.strategy} is not supported (Lightning runs FSDP on CUDA "
+                        f"only, untested here): {instead}")
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
@@ -394,6 +459,19 @@ class TrainerConfig:
     """lightning.Trainer strategy, e.g. ddp."""
     precision: Optional[str] = None
     """lightning.Trainer precision, e.g. bf16-mixed (null: Lightning's default)."""
+
+
+def check_one_process(trainer: "TrainerConfig", key: str) -> None:
+    """A device map spreads one model over the devices of one process: several processes (DDP,
+    FSDP, DeepSpeed) would each load it over the same devices."""
+    devices = trainer.devices
+    one = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    if not one:
+        raise UserError(f"config key {key}: spreads one model over the devices of one process; it runs with "
+                        f"trainer.devices=1 (got {devices}; the device map itself says which GPUs hold the layers)")
+    if any(name in str(trainer.strategy).lower() for name in ("ddp", "fsdp", "deepspeed")):
+        raise UserError(f"config key {key}: spreads one model over the devices of one process; it cannot be combined "
+                        f"with trainer.strategy={trainer.strategy}")
 
 
 @dataclass
@@ -424,6 +502,12 @@ class AdaptConfig:
             raise UserError(f"config key reward.kind: method ltpo scores its thoughts by confidence (reward.kind=confidence), got {self.reward.kind}")
         if self.method == "ltpo" and self.perf.reference_mode:
             raise UserError("config key perf.reference_mode: method ltpo answers from input embeddings through the KV cache, which reference mode has not")
+        refuse_fsdp(self.trainer, "shard the problems with ddp, and spread a model larger than one GPU with model.device_map")
+        if self.model.device_map is not None:
+            check_one_process(self.trainer, "model.device_map")
+            if self.perf.compile:
+                raise UserError("config key perf.compile: not supported with model.device_map (torch.compile has not been "
+                                "tried on accelerate's hooks, which move activations and read offloaded layers inside the compiled forward)")
 
 
 @dataclass
@@ -441,3 +525,6 @@ class TrainConfig:
     """Seed of the split and of training."""
     config_name: str = "train"
     """Name of the YAML the run came from (set by the loader)."""
+
+    def __post_init__(self) -> None:
+        refuse_fsdp(self.trainer, "train the weaver with ddp (each rank holds the whole LoRA backbone and trains its adapters)")

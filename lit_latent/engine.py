@@ -17,6 +17,7 @@ import torch
 
 from lit_latent.config import AdaptConfig
 from lit_latent.data import user_message
+from lit_latent.devices import input_device
 from lit_latent.generation import Generation, chat_prompt, eos_token_ids, generate, generate_branches
 from lit_latent.heads import LogitHead
 from lit_latent.kvcache import (
@@ -79,7 +80,9 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token ids and masks go (the input embeddings' device; latents live on ``lm_head``'s,
+        ``devices.output_device``, which differ only under a device map)."""
+        return input_device(self.model)
 
     @property
     def lm_head(self) -> LogitHead:
@@ -253,7 +256,10 @@ class Engine:
         if full_attention(state.cache):
             for g, head in enumerate(heads):
                 real = state.mask[g].nonzero().squeeze(1)
-                kv = [(layer.keys[g : g + 1, :, real], layer.values[g : g + 1, :, real]) for layer in state.cache.layers]
+                kv = []
+                for layer in state.cache.layers:
+                    at = real.to(layer.keys.device)  # under a device map each layer's cache sits on its own device
+                    kv.append((layer.keys[g : g + 1, :, at], layer.values[g : g + 1, :, at]))
                 self._openings[tuple(head[:32])] = (head, kv)
         return state
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lit_latent.config import ModelConfig, UserError
+from lit_latent.devices import input_device, output_device
 from lit_latent.heads import LogitHead, logit_transform
 from lit_latent.kvcache import (
     CACHE,
@@ -29,17 +30,23 @@ from lit_latent.kvcache import (
     full_attention,
     holds_kv_cache,
     new_cache,
+    select_rows,
     step_mask,
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg: ModelConfig):
+def load_model(cfg: ModelConfig, run_dir: Optional[Path] = None):
     """Load a local HF causal LM and its tokenizer, frozen, in eval mode. A model lit_latent cannot
     serve (a hub id given offline, an encoder-decoder, no causal LM head, logits it cannot
     reproduce from a latent, its own code (``auto_map``) without ``model.trust_remote_code``, a
     forward that does not run) is refused in one line naming ``model.path``. Which cache decoding
-    uses is probed here too (``rerun.decoding_path``)."""
+    uses is probed here too (``rerun.decoding_path``).
+
+    With ``model.device_map`` transformers and accelerate place the layers (several GPUs, CPU,
+    disk); layers put on disk are read from ``model.offload_folder``, by default
+    ``<run_dir>/offload`` (transformers reads safetensors checkpoints in place and writes there
+    only weights it converts while loading)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -75,16 +82,25 @@ def load_model(cfg: ModelConfig):
     except Exception as e:
         needs_remote_code()
         raise UserError(f"config key model.path: cannot load a tokenizer from {cfg.path}: {_first_line(e)}") from None
+    placement = {}
+    if isinstance(cfg.device_map, dict):
+        _check_map_names(config, cfg.device_map, cfg.trust_remote_code)
+    if cfg.device_map is not None:
+        offload = cfg.offload_folder or (str(Path(run_dir) / "offload") if run_dir is not None else None)
+        placement = dict(device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=offload)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **remote)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **remote, **placement)
     except Exception as e:
         needs_remote_code()
+        if placement:  # a module name the model lacks, a device that is not there, no room on any device
+            raise UserError(f"config key model.device_map: cannot load {cfg.path} with device_map={cfg.device_map}"
+                            f"{f' and max_memory={cfg.max_memory}' if cfg.max_memory else ''}: {_first_line(e)}") from None
         raise UserError(f"config key model.path: cannot load a causal LM from {cfg.path}: {_first_line(e)}") from None
     if model.get_output_embeddings() is None:
         raise refuse(f"({config.model_type}) has no causal LM head (get_output_embeddings() is None)")
     model.eval()
     model.requires_grad_(False)
-    broken = next((name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    broken = _nonfinite_weight(model)
     if broken is not None:
         raise refuse(f"holds NaN or inf in its weights ({broken}): the checkpoint is damaged or was saved after a diverged update")
     try:
@@ -100,6 +116,41 @@ def load_model(cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_map_names(config, device_map: dict, trust_remote_code: bool) -> None:
+    """Every module a device map names exists and every weight is placed: transformers loads a
+    weight the map leaves out onto the CPU without a word, where the layers around it cannot reach it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # the model's structure on meta, no weights read
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    modules = {name for name, _ in empty.named_modules()}
+    unknown = [name for name in device_map if name not in modules]
+    if unknown:
+        raise UserError(f"config key model.device_map: {config.model_type} has no module {unknown[0]!r} "
+                        f"(its top modules: {', '.join(n for n, _ in empty.named_children())})")
+    placed = lambda w: any(m == "" or w == m or w.startswith(m + ".") for m in device_map)  # noqa: E731
+    missing = [name for name, _ in empty.named_parameters() if not placed(name)]
+    if missing:
+        raise UserError(f"config key model.device_map: places no module holding {missing[0]} "
+                        f"({len(missing)} weights unplaced); map every module, or use auto")
+
+
+def _nonfinite_weight(model) -> Optional[str]:
+    """The name of the first weight holding NaN or inf, None when all are finite."""
+    if not any(w.device.type == "meta" for w in model.parameters()):
+        return next((name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    # a device map offloaded some layers (their weights are on meta): each module's are read in to be checked
+    from accelerate.utils import align_module_device
+
+    for prefix, module in model.named_modules():
+        with align_module_device(module):
+            for name, w in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if w.is_floating_point() and not torch.isfinite(w).all():
+                    return f"{prefix}.{name}" if prefix else name
+    return None
 
 
 def _auto_map(path: Path) -> dict:
@@ -214,7 +265,7 @@ def generate(
         return generate_rerunning(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                                   prefixes=prefixes, temperature=temperature, top_p=top_p, generators=generators,
                                   return_hidden=return_hidden)
-    device = next(model.parameters()).device
+    device = input_device(model)
     backbone = model.base_model
     head = LogitHead(model)
     prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
@@ -271,7 +322,7 @@ def generate(
     steps = 0
     for step in range(max_new_tokens):
         steps = step + 1
-        logits = head(last).float()
+        logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
         nxt = _pick(logits, temperature, top_p, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if return_hidden:
@@ -290,7 +341,7 @@ def generate(
             if generators is not None:
                 generators = [generators[k] for k in keep.tolist()]
             if use_cache:
-                cache.batch_select_indices(keep)
+                select_rows(cache, keep)
             else:
                 all_ids = all_ids[keep]
         rows_now = len(live)
@@ -307,11 +358,12 @@ def generate(
 
     generated = generated[:, :steps].tolist()
     tokens, hidden = [], [] if return_hidden else None
+    latent_device = output_device(model) if return_hidden else None
     for i in range(batch):
         gen = [t for t in generated[i] if t >= 0]
         tokens.append(list(prefixes[i]) + gen)
         if return_hidden:
-            row = torch.cat(hidden_rows[i], dim=0)
+            row = torch.cat([h.to(latent_device) for h in hidden_rows[i]], dim=0)  # latents live where lm_head runs
             hidden.append(row[: len(tokens[i])])
     return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
 
@@ -376,7 +428,8 @@ def generate_branches(
     cache.layers = [copy.copy(layer) for layer in state.cache.layers]  # write past the opening only
     out = model.base_model(input_ids=ids, attention_mask=_additive(sees, dtype),
                            position_ids=opening_len[:, None] + offset, use_cache=True, **{CACHE: cache})
-    last = out.last_hidden_state.gather(1, ends[:, :, None].expand(B, K, out.last_hidden_state.shape[-1]))
+    states = out.last_hidden_state
+    last = states.gather(1, ends.to(states.device)[:, :, None].expand(B, K, states.shape[-1]))
     head = LogitHead(model)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     done = ~exists  # rows with fewer branches fill the missing ones with finished dummies
@@ -387,7 +440,7 @@ def generate_branches(
     gen_branch = torch.zeros(0, dtype=torch.long, device=device)  # branch of each generated key
     gen_real = torch.zeros((B, 0), dtype=torch.bool, device=device)  # fed while its branch was running
     for step in range(max_new_tokens):
-        nxt = head(last).float().argmax(-1)  # [B, K]
+        nxt = head(last).float().argmax(-1).to(device)  # [B, K]
         counts += (~done).long()
         is_eos = torch.isin(nxt, eos) & ~done
         generated[:, :, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lit_latent.devices import input_device
+
 _PROBED = "_lit_latent_logit_transform"  # the probe's answer, kept in the model's __dict__ (not a submodule)
 SCALE_NAMES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
 SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap")
@@ -82,12 +84,11 @@ def _probe(model) -> LogitTransform:
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError("the model has no output embeddings (lm_head)")
-    device = head.weight.device
     vocab = head.weight.shape[0]
-    ids = (torch.arange(3, 9, device=device) % vocab)[None]
+    ids = (torch.arange(3, 9, device=input_device(model)) % vocab)[None]
     hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     want = model(input_ids=ids, use_cache=False).logits.float()
-    raw = head(hidden)
+    raw = head(hidden).to(want.device)  # under a device map the model's own logits come back to the input's device
     tol = 1e-4 if raw.dtype == torch.float32 else 2e-2
     for transform in _candidates(model):
         got = transform(raw).float()

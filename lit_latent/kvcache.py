@@ -24,6 +24,8 @@ from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from lit_latent.devices import input_device, output_device
+
 
 # the KV cache's argument and output field: transformers 5.2x renamed past_key_values to cache
 # (the old name still works there, with a warning on every run, and is to go in 5.40)
@@ -84,6 +86,7 @@ class ReservedLayer(DynamicLayer):
     def batch_select_indices(self, indices: Tensor) -> None:
         if self._k is None:
             return
+        indices = indices.to(self._k.device)  # under a device map each layer's buffers sit on its own device
         _, H, capacity, D = self._k.shape
         k, v = self._k.new_empty(len(indices), H, capacity, D), self._v.new_empty(len(indices), H, capacity, D)
         # one pass over the filled part, straight into the new buffers
@@ -102,6 +105,14 @@ class ReservedLayer(DynamicLayer):
     def _set_length(self, n: int) -> None:
         self.length = n
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+
+def select_rows(cache, rows: Tensor) -> None:
+    """``cache.batch_select_indices(rows)``, each layer given ``rows`` on its own device (a device
+    map puts layers, and so their keys and values, on several devices)."""
+    for layer in cache.layers:
+        device = getattr(layer, "device", None)
+        layer.batch_select_indices(rows if device is None else rows.to(device))
 
 
 def new_cache(model, room: int):
@@ -189,7 +200,7 @@ def holds_kv_cache(model) -> bool:
 @torch.no_grad()
 def _probe_kv_cache(model) -> bool:
     vocab = model.get_output_embeddings().weight.shape[0]
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
     # blocks of one length: the fast path's answers with ragged blocks (pads mid-sequence) are the
     # parity tests' business; moving a family off it is not this probe's (MPT differs there, see docs/performance.md)
@@ -211,7 +222,7 @@ def _probe_kv_cache(model) -> bool:
             out = model.base_model(input_ids=torch.tensor(tokens([[steps[i]] for i in order]), device=device),
                                    attention_mask=mask, position_ids=_positions(mask)[:, -1:], use_cache=True,
                                    **{CACHE: extended.cache})
-            got.append((order, torch.stack([extended.last, out.last_hidden_state[:, -1]], dim=1).float()))
+            got.append((order, torch.stack([extended.last, out.last_hidden_state[:, -1].to(extended.last.device)], dim=1).float()))
     except Exception:  # e.g. a LinearAttentionLayer has no batch_select_indices
         return False
     alone = {}
@@ -221,6 +232,7 @@ def _probe_kv_cache(model) -> bool:
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
     for order, states in got:
         want = torch.stack([alone[i] for i in order])
+        states = states.to(want.device)
         if states.shape != want.shape or not torch.allclose(states, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
             return False
     return True
@@ -247,13 +259,14 @@ class PromptState:
     def select(self, rows: Sequence[int]) -> "PromptState":
         """The state of ``rows`` (repeats allowed), sharing nothing mutable with ``self``."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        last = self.last[index.to(self.last.device)]  # under a device map: where the last layer runs
         if self.cache is None:  # a model whose cache is not held: generations re-run the prompts
-            return PromptState(None, self.mask[index], self.last[index])
+            return PromptState(None, self.mask[index], last)
         cache = copy.copy(self.cache)
         # layer objects are copied, then each takes its rows into a fresh buffer
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        cache.batch_select_indices(index)
-        return PromptState(cache, self.mask[index], self.last[index])
+        select_rows(cache, index)
+        return PromptState(cache, self.mask[index], last)
 
 
 @torch.no_grad()
@@ -261,19 +274,18 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
     """The prompts' cache and last states; only the last states (``cache=None``) for a model whose
     cache cannot be held (``holds_kv_cache``): its generations re-run the prompts."""
     if not holds_kv_cache(model):
-        ids, mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+        ids, mask = _left_pad(prompts, pad_id, input_device(model))
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
-        return PromptState(None, mask, out.last_hidden_state[:, -1])
+        return PromptState(None, mask, _last_state(model, out))
     return _encode_kv(model, prompts, pad_id)
 
 
 @torch.no_grad()
 def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = _left_pad(prompts, pad_id, input_device(model))
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                            use_cache=True, **{CACHE: new_cache(model, room=256)})
-    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
+    return PromptState(getattr(out, CACHE), mask, _last_state(model, out))
 
 
 @torch.no_grad()
@@ -283,7 +295,7 @@ def encode_prompt_embeddings(model, embeds: Tensor, mask: Tensor) -> PromptState
     continues them as it continues token prompts."""
     out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
                            use_cache=True, **{CACHE: new_cache(model, room=256)})
-    return PromptState(getattr(out, CACHE), mask, out.last_hidden_state[:, -1])
+    return PromptState(getattr(out, CACHE), mask, _last_state(model, out))
 
 
 @torch.no_grad()
@@ -298,11 +310,16 @@ def extend_prompts(model, state: PromptState, blocks: Sequence[Sequence[int]], p
     mask = torch.cat([state.mask, block_mask], dim=1)
     out = model.base_model(input_ids=block, attention_mask=mask, position_ids=_positions(mask)[:, -block.shape[1]:],
                            use_cache=True, **{CACHE: state.cache})
-    last = out.last_hidden_state[:, -1]
+    last = _last_state(model, out)
     if not all(len(b) for b in blocks):
         has_block = torch.tensor([len(b) > 0 for b in blocks], device=last.device)
         last = torch.where(has_block[:, None], last, state.last)
     return PromptState(getattr(out, CACHE), mask, last), out.last_hidden_state
+
+
+def _last_state(model, out) -> Tensor:
+    # a latent: it lives where lm_head runs, which a device map may put past the last layer's device
+    return out.last_hidden_state[:, -1].to(output_device(model))
 
 
 def _additive(sees: Tensor, dtype) -> Tensor:

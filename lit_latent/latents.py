@@ -51,7 +51,8 @@ def sample_latents(lm_head: Head, latents: Tensor, temperature: float, generator
     """A token sequence sampled from the latent policy (one token per latent)."""
     with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):  # see decode_latents
         probs = torch.softmax(lm_head(latents.to(lm_head.weight.dtype)).float() / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+        # the generator's device decides the draws: lm_head may run elsewhere under a device map
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).tolist()
 
 
 def policy_loss(log_prob_sum: Tensor, advantage: float) -> Tensor:

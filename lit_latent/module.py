@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from lit_latent.config import AdaptConfig
+from lit_latent.devices import device_mapped, output_device
 from lit_latent.engine import Engine
 from lit_latent.methods import sampling
 from lit_latent.methods.latentevolve import latent_evolve
@@ -31,7 +32,12 @@ class LatentAdaptationModule(L.LightningModule):
         super().__init__()
         if cfg.method in NEEDS_REWARD and reward is None:
             raise ValueError(f"method {cfg.method} needs a reward (lit_latent.rewards.make_reward)")
-        self.model = model  # a submodule, so the Trainer moves it to the device
+        if device_mapped(model):
+            # not a submodule: accelerate placed its layers (some maybe offloaded, on meta), and the
+            # Trainer's move of the module to one device would undo that or fail on the offloaded ones
+            object.__setattr__(self, "model", model)
+        else:
+            self.model = model  # a submodule, so the Trainer moves it to the device
         self.model.requires_grad_(False)
         self.engine = Engine(model, tokenizer, cfg)
         self.cfg = cfg
@@ -56,7 +62,7 @@ class LatentAdaptationModule(L.LightningModule):
         start = time.perf_counter()
         self.engine.new_batch()
         # Lightning wraps predict in no_grad even with inference_mode=False
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.perf.autocast)
+        autocast = torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=self.cfg.perf.autocast)
         with torch.enable_grad(), autocast:
             records = self.run_method(batch)
         self.log_rewards(records)
@@ -78,7 +84,9 @@ class LatentAdaptationModule(L.LightningModule):
         if cfg.method == "latentseek":
             return latent_seek(engine, problems, reward, cfg.latent)
         if cfg.method == "latentevolve":
-            return latent_evolve(engine, problems, reward, cfg.evolve, self.memory, self.weaver)
+            # the weaver maps latents, which live on lm_head's device (another than the module's under a device map)
+            weaver = self.weaver.to(output_device(self.model)) if self.weaver is not None else None
+            return latent_evolve(engine, problems, reward, cfg.evolve, self.memory, weaver)
         if cfg.method == "ltpo":
             return ltpo(engine, problems, cfg.ltpo, cfg.reward.top_k)
         raise ValueError(f"method {cfg.method!r} is not run by {type(self).__name__}")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lit_latent import generation
+from lit_latent.devices import input_device, output_device
 from lit_latent.generation import Generation, generate
 from lit_latent.heads import LogitHead
 from lit_latent.kvcache import CACHE, _left_pad, _positions, holds_kv_cache, probed_once
@@ -91,7 +92,7 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
                            generators, return_hidden) -> Generation:
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     head = LogitHead(model)
     prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
     if len(prefixes) != len(prompts):
@@ -114,7 +115,7 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
 
     rows = _Rows(batch, max_new_tokens, eos_ids, device)
     for step in range(max_new_tokens):
-        nxt = pick(head(last).float(), temperature, top_p, generators)
+        nxt = pick(head(last).float().to(device), temperature, top_p, generators)  # lm_head may run elsewhere
         if return_hidden:
             for i in (~rows.done).nonzero().squeeze(1).tolist():
                 hidden_rows[i].append(last[i : i + 1])
@@ -126,7 +127,8 @@ def _decode_with_own_cache(model, prompts, *, pick, max_new_tokens, eos_ids, pad
         last = _forward(model, ids, mask, cache, first=False)[:, -1]
 
     tokens = rows.tokens(prefixes)
-    hidden = [torch.cat(hidden_rows[i], dim=0)[: len(tokens[i])] for i in range(batch)] if return_hidden else None
+    latent_device = output_device(model)  # latents live where lm_head runs
+    hidden = [torch.cat(hidden_rows[i], dim=0)[: len(tokens[i])].to(latent_device) for i in range(batch)] if return_hidden else None
     return Generation(tokens=tokens, hidden=hidden, new_tokens=rows.counts.tolist(), finished=rows.ended_at_eos.tolist())
 
 
@@ -142,7 +144,7 @@ def generate_from_embeddings(model, embeds: Tensor, mask: Tensor, *, max_new_tok
     for _ in range(max_new_tokens):
         states = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
                                   use_cache=False).last_hidden_state
-        nxt = rows.take(head(states[:, -1]).float().argmax(-1), pad_id)
+        nxt = rows.take(head(states[:, -1]).float().argmax(-1).to(embeds.device), pad_id)
         if bool(rows.done.all()):
             break
         embeds = torch.cat([embeds, embed(nxt)[:, None].to(embeds.dtype)], dim=1)
@@ -165,7 +167,7 @@ def steps_with_own_cache(model) -> bool:
 @torch.no_grad()
 def _probe_own_cache(model) -> bool:
     vocab = model.get_output_embeddings().weight.shape[0]
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompts = [[t % vocab for t in row] for row in ([3, 4, 5, 6, 7], [8, 9])]
     prefixes = [[], [10 % vocab, 11 % vocab]]
     try:
@@ -178,7 +180,7 @@ def _probe_own_cache(model) -> bool:
     for prompt, tokens, hidden in zip(prompts, out.tokens, out.hidden):
         row = torch.tensor([prompt + tokens], device=device)
         want = model.base_model(input_ids=row, use_cache=False).last_hidden_state[0, len(prompt) - 1 : -1].float()
-        got = hidden.float()
+        got = hidden.float().to(want.device)
         if got.shape != want.shape or not torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
             return False
     return True

@@ -244,3 +244,29 @@ def test_lora_on_a_backbone_with_no_layer_to_adapt_is_refused_in_one_line(mamba_
     monkeypatch.setattr(weaver_module, "lora_targets", lambda backbone, lora: None)  # as for a backbone peft knows nothing of
     with pytest.raises(UserError, match=rf"^config key weaver.backbone_path: {re.escape(str(mamba_dir))} \(mamba\) has no layer LoRA can adapt: [^\n]*$"):
         build_weaver(WeaverConfig(kind="lora", backbone_path=str(mamba_dir)), HIDDEN, D, LATENTS)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_cpu_offload"])
+def test_fsdp_is_refused_in_one_line(strategy, tmp_path, capsys):
+    # Lightning 2.6 runs FSDP on CUDA only (its accelerator connector refuses others): nothing of ours could test it
+    from lit_latent.runs import run_entry_point
+
+    write_memory(tmp_path / "memory")
+    rc = run_entry_point(train.main, [f"memory.path={tmp_path / 'memory'}", "weaver.kind=lora", f"trainer.strategy={strategy}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"error: config key trainer.strategy: {strategy} is not supported") and "\n" not in err
+
+
+@pytest.mark.slow  # two processes start Lightning and peft (about 40 s on 2 CPU cores)
+def test_lora_weaver_under_two_process_ddp_writes_a_checkpoint(tiny_model_dir, tmp_path):
+    write_memory(tmp_path / "memory", n=24)
+    out = tmp_path / "weaver"
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"memory.path={tmp_path / 'memory'}", f"out={out}",
+                          "weaver.kind=lora", f"weaver.backbone_path={tiny_model_dir}", "weaver.lora_r=2",
+                          "weaver.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("weaver saved to") == 1  # one report, from rank 0
+    weaver = load_weaver(out, HIDDEN, "tiny", backbone_path=str(tiny_model_dir))
+    e, z_base, _ = synthetic(2)
+    assert isinstance(weaver, LoraWeaver) and weaver(e, z_base).shape == (2, LATENTS, HIDDEN)

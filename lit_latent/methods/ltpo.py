@@ -62,13 +62,14 @@ def ltpo(engine: Engine, problems: list[dict], cfg: LtpoConfig, top_k: int) -> l
         states = model.base_model(inputs_embeds=inputs, attention_mask=mask[index], position_ids=_positions(mask[index]),
                                   use_cache=False).last_hidden_state
         # 3. the confidence at the thought positions, averaged over them: [active]
-        scores = top_k_confidence(engine.lm_head(states[row_of[: len(active)], at[index]]), top_k).mean(-1)
+        thought_states = states[row_of[: len(active)].to(states.device), at[index].to(states.device)]  # device map: the last layer's device
+        scores = top_k_confidence(engine.lm_head(thought_states), top_k).mean(-1)
         # 4. raise it: through the model (autograd), or by the score-function estimate R eps / sigma (reinforce)
         if cfg.gradient == "autograd":
             objective = scores.sum()
         else:
             log_policy = -((noisy.detach() - thoughts[index]) ** 2).sum((1, 2)) / (2 * sigma**2)
-            objective = (scores.detach() * log_policy).sum()
+            objective = (scores.detach().to(log_policy.device) * log_policy).sum()  # device map: scores come from lm_head's device
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
