@@ -91,14 +91,6 @@ def test_memory_of_another_model_is_refused(tiny_model_dir, ten_problems, tmp_pa
     assert rc == 2 and "some-other-model" in err and "\n" not in err
 
 
-def test_latentevolve_on_several_devices_is_refused_in_one_line(tiny_model_dir, ten_problems, tmp_path, capsys):
-    rc = run_entry_point(adapt.main, evolve_args(tiny_model_dir, ten_problems, tmp_path / "r", "trainer.devices=2",
-                                                 "trainer.strategy=ddp"))
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "trainer.devices" in err and "\n" not in err
-    assert not (tmp_path / "r" / "predictions.jsonl").exists()
-
-
 def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_model_dir, tmp_path):
     import subprocess
     import sys
