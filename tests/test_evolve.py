@@ -407,9 +407,12 @@ def test_a_passing_refinement_archives_the_latents_behind_its_answer(tiny_model,
     records = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n >= 3), **anchored(reanchor=True))
     head = tiny_model.get_output_embeddings()
     memory = EpisodicMemory(tmp_path / "mem", "tiny", 32)
+    from types import SimpleNamespace
+
     from callbacks.memory import MemoryCallback
 
-    MemoryCallback(memory, threshold=0.5).on_predict_batch_end(None, None, records, None, 0)
+    one_process = SimpleNamespace(world_size=1)  # the callback shares entries between ranks only under DDP
+    MemoryCallback(memory, threshold=0.5).on_predict_batch_end(one_process, None, records, None, 0)
     memory.commit()  # the batch's records are written: its entries are no longer pending
     for r in records:
         assert r["rewards"] == [0.0, 0.0, 1.0] and r["chosen_candidate"] == 2 and r["archived"]
