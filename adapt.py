@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lit_latent.cli import help_text, load_config, parse_args
-from lit_latent.config import AdaptConfig
+from lit_latent.config import AdaptConfig, UserError
 from lit_latent.runs import GracefulStop, launched_as_rank_zero, prepare_run_dir, quiet_lightning, run_entry_point
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek_anchored.yaml"  # our best method (docs/equal-budgets.md)
@@ -71,6 +71,8 @@ def main(argv: list[str]) -> dict:
         inference_mode=False,  # latents need autograd; predict_step also opens enable_grad
         enable_model_summary=False,
     )
+    if lockstep and trainer.world_size > 1 and launched_as_rank_zero():
+        check_lockstep_launch(trainer, cfg.trainer.strategy)
     batch_size = 1 if cfg.perf.reference_mode else cfg.data.batch_size
     datamodule = ProblemDataModule(problems, batch_size, skip_ids=done, lockstep=lockstep)
     if done and launched_as_rank_zero():
@@ -78,6 +80,20 @@ def main(argv: list[str]) -> dict:
     stop.install()
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.summary
+
+
+def check_lockstep_launch(trainer, strategy: str) -> None:
+    """LatentEvolve's ranks need DDP started by Lightning from this one command: the ranks it
+    starts re-run it with their rank in the environment, so each knows before the process group
+    exists whether it writes the memory, and they share this process's locks. Spawned or forked
+    ranks (ddp_spawn) would copy a memory that writes, and ranks started by another launcher
+    (torchrun, srun) would each take the locks."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    if not (isinstance(trainer.strategy, DDPStrategy) and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)):
+        raise UserError(f"config key trainer.strategy: method latentevolve on {trainer.world_size} devices runs under "
+                        f"trainer.strategy=ddp started by this command (got {strategy}, {type(trainer.strategy).__name__})")
 
 
 def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, done: set, uses_labels: bool) -> list:

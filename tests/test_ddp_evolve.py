@@ -123,3 +123,15 @@ def test_a_rank_killed_mid_run_leaves_a_run_the_rerun_completes_with_every_id_on
     assert len(counts) == 2 and counts[0] < counts[1] <= 24  # one night per 10 problems, none twice
     assert sorted(p.name for p in (run_dir / "weaver").glob("night-*")) == ["night-001", "night-002"]
     assert all(len(set(n["weaver_sha256_by_rank"])) == 1 for n in nights)
+
+
+def test_latentevolve_on_spawned_ranks_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
+    import adapt
+    from lit_latent.runs import run_entry_point
+
+    run_dir = tmp_path / "run"
+    args = ddp_evolve(tiny_model_dir, problems_file(tmp_path, 4), run_dir, "trainer.strategy=ddp_spawn")[2:]
+    assert run_entry_point(adapt.main, args) == 2  # refused before ranks are spawned: in this process
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key trainer.strategy:") and "ddp_spawn" in err and "\n" not in err
+    assert not (run_dir / "predictions.jsonl").exists()
