@@ -162,6 +162,13 @@ class GracefulStop:
         stop = self
 
         class _Check(Callback):
+            def on_predict_start(self, trainer, pl_module):
+                if stop.lockstep and trainer.world_size > 1:
+                    # Lightning's SIGTERM handler, set when predict starts, broadcasts from inside the
+                    # handler, a collective no other rank joins: it would hang against our per-batch
+                    # ones. Ours only sets the flag, which the reduce below takes to every rank.
+                    stop.install()
+
             def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
                 requested = stop.requested is not None
                 if stop.lockstep and trainer.world_size > 1:

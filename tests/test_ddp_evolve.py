@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from lit_latent.generation import model_id
 from lit_latent.memory import EpisodicMemory
@@ -135,3 +136,25 @@ def test_latentevolve_on_spawned_ranks_is_refused_in_one_line(tiny_model_dir, tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config key trainer.strategy:") and "ddp_spawn" in err and "\n" not in err
     assert not (run_dir / "predictions.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_stops_both_after_the_same_batch_and_the_rerun_completes(tiny_model_dir, tmp_path):
+    data, run_dir = problems_file(tmp_path, 24), tmp_path / "run"
+    args = ddp_evolve(tiny_model_dir, data, run_dir, "data.batch_size=2")
+    launch = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    rank1 = run_dir / "predictions.rank1.jsonl"
+    deadline = time.monotonic() + 240
+    while not (rank1.is_file() and len(read_records(rank1)) >= 4) and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = child_pids(launch.pid)
+    assert launch.poll() is None and children, "the run ended before a rank could be stopped"
+    os.kill(children[0], signal.SIGTERM)  # rank 1 only: rank 0 hears of it at the batch's end
+    _, err = launch.communicate(timeout=120)
+    assert launch.returncode == 130 and "stopped on a signal to another rank" in err, err[-2000:]
+    # the same batch on both ranks: as many records each
+    assert len(read_records(run_dir / "predictions.rank0.jsonl")) == len(read_records(rank1)) < 12
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_run_folder(run_dir, 24)
