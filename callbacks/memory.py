@@ -89,6 +89,8 @@ class MemoryCallback(Callback):
                     first_here.append(j)
         outputs[:] = [outputs[j] for j in first_here]
         return finished
+
+
 class NightCallback(Callback):
     """Every ``every`` problems (counted over the whole run, resumed ones included), fit a
     fresh weaver on the memory so far and use it from the next problem on. A resumed run
@@ -147,7 +149,7 @@ class NightCallback(Callback):
             with between_ranks(f"night {night}'s weaver"):
                 entry = trainer.strategy.broadcast(entry)  # the other ranks wait here while rank 0 fits
         pl_module.weaver = load_weaver(out, self.hidden_size, self.model_id, backbone_path=self.backbone_path).to(pl_module.device)
-        # what each rank loaded, gathered from the ranks themselves: the log shows they agree
+        # what each rank loaded, reported by the ranks themselves: nights.json shows that they agree
         digest = weights_sha256(pl_module.weaver)
         entry["weaver_sha256_by_rank"] = gather_objects(trainer, digest, "weaver checksums")
         self.nights.append(entry)
@@ -168,7 +170,7 @@ class NightCallback(Callback):
         else:
             on = TrainerConfig(accelerator="cpu" if device.type == "cpu" else "auto", devices=1)
         with outside_the_launch(), warnings.catch_warnings():  # a one-device fit, though this process may be a DDP rank
-            # the fit's Trainer sees the launch's process group and asks for sync_dist, which it has
+            # the one-process Trainer turns the weaver's sync_dist off, then sees the launch's process group and warns
             warnings.filterwarnings("ignore", message="It is recommended to use `self.log")
             result = fit_weaver(e, z_base, z_star, self.weaver_cfg, on, out, self.seed + night, self.hidden_size, self.model_id,
                                 self.backbone_path, progress_bar=False, uses_labels=self.memory.uses_labels)
