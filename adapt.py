@@ -15,13 +15,12 @@ with the same ``run_dir`` skips the problems already recorded.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from lit_latent.cli import help_text, load_config, parse_args
 from lit_latent.config import AdaptConfig, UserError
-from lit_latent.runs import GracefulStop, prepare_run_dir, quiet_lightning, run_entry_point
+from lit_latent.runs import GracefulStop, launched_as_rank_zero, prepare_run_dir, quiet_lightning, run_entry_point
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "latentseek_anchored.yaml"  # our best method (docs/equal-budgets.md)
 
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> dict:
 
     problems = read_problems(cfg.data.path, cfg.data.limit, require_choices=cfg.data.prompt == "choice", offset=cfg.data.offset)
     run_dir = prepare_run_dir(cfg)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if launched_as_rank_zero():
         merge_rank_files(run_dir)  # a killed multi-device run leaves per-rank files: their problems are done
     done = {r["id"] for r in read_records(run_dir / "predictions.jsonl")}
     L.seed_everything(cfg.seed, verbose=False)
@@ -63,7 +62,8 @@ def main(argv: list[str]) -> dict:
     if cfg.method == "latentevolve":
         callbacks += setup_latent_evolve(cfg, module, run_dir, done, uses_labels=reward.uses_labels)
     callbacks.append(writer)  # after the memory callbacks: they annotate the records before they are written
-    stop = GracefulStop()
+    lockstep = cfg.method == "latentevolve"  # its ranks exchange memory entries after every batch
+    stop = GracefulStop(lockstep)
     callbacks.append(stop.callback())  # after the writer: a stop request ends the run once the batch is saved
     trainer = L.Trainer(
         **cfg.trainer.__dict__,
@@ -72,21 +72,35 @@ def main(argv: list[str]) -> dict:
         inference_mode=False,  # latents need autograd; predict_step also opens enable_grad
         enable_model_summary=False,
     )
-    if cfg.method == "latentevolve" and trainer.world_size > 1:
-        raise UserError(f"config key trainer.devices: method latentevolve runs on one device (got {trainer.world_size}): "
-                        "it learns from one ordered stream of problems, whose memory and nights every problem must see")
+    if lockstep and trainer.world_size > 1 and launched_as_rank_zero():
+        check_lockstep_launch(trainer, cfg.trainer.strategy)
     batch_size = 1 if cfg.perf.reference_mode else cfg.data.batch_size
-    datamodule = ProblemDataModule(problems, batch_size, skip_ids=done)
-    if done:
+    datamodule = ProblemDataModule(problems, batch_size, skip_ids=done, lockstep=lockstep)
+    if done and launched_as_rank_zero():
         print(f"resuming {run_dir}: {len(done)} problems already recorded, {len(datamodule.problems)} to go")
     stop.install()
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.summary
 
 
+def check_lockstep_launch(trainer, strategy: str) -> None:
+    """LatentEvolve's ranks need DDP started by Lightning from this one command: the ranks it
+    starts re-run it with their rank in the environment, so each knows before the process group
+    exists whether it writes the memory, and they share this process's locks. Spawned or forked
+    ranks (ddp_spawn) would copy a memory that writes, and ranks started by another launcher
+    (torchrun, srun) would each take the locks."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    if not (isinstance(trainer.strategy, DDPStrategy) and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)):
+        raise UserError(f"config key trainer.strategy: method latentevolve on {trainer.world_size} devices runs under "
+                        f"trainer.strategy=ddp started by this command (got {strategy}, {type(trainer.strategy).__name__})")
+
+
 def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, done: set, uses_labels: bool) -> list:
     """The episodic memory (loaded if it exists, its entries of problems without a record in
-    ``done`` dropped), a trained weaver if given, and the day/night callbacks. A memory or weaver
+    ``done`` dropped), a trained weaver if given, and the day/night callbacks (which, under DDP,
+    share the memory and the nights' weavers between the ranks). A memory or weaver
     made under a gold-label reward is refused in a run whose reward uses none (its edits would
     carry the labels in)."""
     from callbacks.memory import MemoryCallback, NightCallback
@@ -102,8 +116,9 @@ def setup_latent_evolve(cfg: AdaptConfig, module, run_dir: Path, done: set, uses
     if memory_dir.is_dir() or not memory_dir.exists():  # one writer of a memory, whichever run names it
         memory_dir.mkdir(parents=True, exist_ok=True)
         hold_lock(memory_dir, "memory.path")
-    module.memory = EpisodicMemory(memory_dir, ident, hidden, cfg.memory.backend,
-                                   reward=cfg.reward.kind, uses_labels=uses_labels, recorded=done)
+    # under DDP rank 0 writes the memory; the other ranks hold the same entries in RAM
+    module.memory = EpisodicMemory(memory_dir, ident, hidden, cfg.memory.backend, reward=cfg.reward.kind,
+                                   uses_labels=uses_labels, recorded=done, writes=launched_as_rank_zero())
     check_labels(module.memory.uses_labels, uses_labels, "memory.path", f"memory at {module.memory.path}")
     if cfg.weaver.checkpoint:
         module.weaver = load_weaver(cfg.weaver.checkpoint, hidden, ident, latent_count=cfg.evolve.latent_count,

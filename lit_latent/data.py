@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from lit_latent.config import UserError
 from lit_latent.prompts import choice_prompt, math_prompt
@@ -87,14 +88,25 @@ def num_choices(problem: dict[str, Any]) -> int:
 
 
 class ProblemDataModule(L.LightningDataModule):
-    """Serves problems in file order; ids already done (resume) are left out."""
+    """Serves problems in file order; ids already done (resume) are left out.
 
-    def __init__(self, problems: list[dict[str, Any]], batch_size: int, skip_ids: Iterable[str] = ()):
+    ``lockstep``: under DDP every rank gets the same number of batches, so that the ranks can
+    exchange something after each one (LatentEvolve's memory). torch's ``DistributedSampler``
+    does it by repeating the first problems at the end; the callbacks drop those repeats.
+    Without it Lightning's predict sampler gives the ranks uneven shards and no repeats.
+    """
+
+    def __init__(self, problems: list[dict[str, Any]], batch_size: int, skip_ids: Iterable[str] = (), lockstep: bool = False):
         super().__init__()
         skip = set(skip_ids)
         self.problems = [p for p in problems if p["id"] not in skip]
         self.batch_size = batch_size
+        self.lockstep = lockstep
 
     def predict_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.lockstep and self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning keeps a DistributedSampler it is given instead of sharding unevenly itself
+            sampler = DistributedSampler(self.problems, shuffle=False, drop_last=False, **self.trainer.distributed_sampler_kwargs)
         # collate to a plain list of dicts: prompts are tokenized by the module, which owns the tokenizer
-        return DataLoader(self.problems, batch_size=self.batch_size, shuffle=False, collate_fn=list)
+        return DataLoader(self.problems, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=list)

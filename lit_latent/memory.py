@@ -20,6 +20,8 @@ An adapt run archives a batch before writing its records, as ``pending`` shards;
 committed once the records are durable. A resumed run (``recorded``: the ids with a record)
 keeps a pending entry whose problem has a record and drops the others (the manifest lists the
 dropped shards before their files go), so the memory never holds a problem without a record.
+Under DDP every rank holds the same entries and rank 0 alone writes the folder (``writes=False``
+on the others).
 
 In RAM every tensor is kept, with the L2-normalised ``e`` rows cached as one ``[N, D]``
 matrix: a query is one matmul and a ``topk`` (exact cosine), or faiss ``IndexFlatIP`` with
@@ -125,13 +127,16 @@ class EpisodicMemory:
     """Episodic memory of one model; ``path=None`` keeps it in RAM only (tests, benchmarks)."""
 
     def __init__(self, path: Union[str, Path, None], model_id: str, hidden_size: int, backend: str = "torch",
-                 reward: Optional[str] = None, uses_labels: Optional[bool] = None, recorded: Optional[set] = None):
+                 reward: Optional[str] = None, uses_labels: Optional[bool] = None, recorded: Optional[set] = None,
+                 writes: bool = True):
         """``hidden_size``: the latent size ``d`` (``heads.latent_size(model)``). ``reward`` and
         ``uses_labels``: the kind of reward that scores the entries this process adds, and whether
         it reads gold labels (recorded in the manifest; None: not said). ``recorded``: the problem
         ids the resumed run has records of, to settle pending entries (None: pending entries are
-        left on disk as they are and not loaded)."""
+        left on disk as they are and not loaded). ``writes=False``: load the folder but keep what
+        is added, and the settling of pending entries, in RAM (a DDP rank other than 0)."""
         self.path = None if path is None else Path(path)
+        self.writes = writes
         self.model_id = str(model_id)
         self.hidden_size = int(hidden_size)
         self.backend = backend
@@ -209,7 +214,7 @@ class EpisodicMemory:
                 entry.pop("pending")
             self._append(e, z_base, z_star, scores, ids, answers, iterations, keys)
             self._shards.append(entry)
-        if settled:
+        if settled and self.writes:
             dropped = [f for f in self._dropped if (self.path / f).exists()]
             self._write_manifest(self._shards)
             for f in dropped:  # listed as dropped first, so a kill here leaves nothing unlisted
@@ -258,7 +263,7 @@ class EpisodicMemory:
 
     def commit(self) -> None:
         """Mark the pending shards committed: their problems' records are durable now."""
-        if self.path is None or not any(s.get("pending") for s in self._shards):
+        if self.path is None or not self.writes or not any(s.get("pending") for s in self._shards):
             return
         self._shards = [{k: v for k, v in s.items() if k != "pending"} for s in self._shards]
         self._write_manifest(self._shards)
@@ -391,7 +396,7 @@ class EpisodicMemory:
         # labels once used stay recorded; "no labels" only when every writer said so
         uses_labels = True if self._uses_labels or self.run_uses_labels else (
             False if self.run_uses_labels is False and (self._uses_labels is False or not len(self)) else None)
-        if self.path is not None:
+        if self.path is not None and self.writes:
             from safetensors.torch import save as save_bytes
 
             if not (self.path / MANIFEST).is_file():  # before the first shard: no shard is ever without a manifest

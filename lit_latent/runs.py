@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from lit_latent.cli import to_yaml
 from lit_latent.config import UserError
@@ -69,6 +70,31 @@ def hold_lock(folder: Path, key: str) -> None:
         os.environ[LOCK_HOLDER_ENV] = ",".join(holders + [str(os.getpid())])
 
 
+# what launchers (Lightning's, torchrun, SLURM) tell a rank about its launch
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NAME")
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0 of its launch, known before Lightning sets up the
+    process group (``trainer.global_rank`` is 0 in every process until then): torchrun sets
+    ``RANK``; Lightning's launcher sets ``NODE_RANK`` and ``LOCAL_RANK`` for the ranks it starts."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@contextmanager
+def outside_the_launch() -> Iterator[None]:
+    """Hide the launch's environment, so that a Trainer made inside a rank (LatentEvolve's
+    nightly weaver fit) is a one-process Trainer instead of joining or re-launching the job."""
+    saved = {k: os.environ.pop(k) for k in LAUNCH_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def quiet_lightning() -> None:
     """Keep Lightning's banner tips and known deprecation chatter out of the run's output."""
     import logging
@@ -77,6 +103,25 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+class RankLost(Exception):
+    """A collective between the ranks of a DDP run failed: another rank stopped (killed, out of memory)."""
+
+
+@contextmanager
+def between_ranks(what: str) -> Iterator[None]:
+    """Run a collective; a rank that died is one line naming ``what`` waited for, not a traceback
+    from inside the backend. Finished batches are on disk, so the rerun resumes them."""
+    try:
+        yield
+    except RuntimeError as err:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise RankLost(f"{what}: another rank of this run stopped ({reason})") from None
 
 
 class StopRequested(Exception):
@@ -90,8 +135,10 @@ class GracefulStop:
     batch end.
     """
 
-    def __init__(self):
+    def __init__(self, lockstep: bool = False):
         self.requested: Optional[str] = None
+        # ranks that meet after every batch (LatentEvolve under DDP) must stop after the same one
+        self.lockstep = lockstep
 
     def install(self) -> None:
         import signal
@@ -115,9 +162,21 @@ class GracefulStop:
         stop = self
 
         class _Check(Callback):
+            def on_predict_start(self, trainer, pl_module):
+                if stop.lockstep and trainer.world_size > 1:
+                    # Lightning's SIGTERM handler, set when predict starts, broadcasts from inside the
+                    # handler, a collective no other rank joins: it would hang against our per-batch
+                    # ones. Ours only sets the flag, which the reduce below takes to every rank.
+                    stop.install()
+
             def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-                if stop.requested is not None:
-                    raise StopRequested(stop.requested)
+                requested = stop.requested is not None
+                if stop.lockstep and trainer.world_size > 1:
+                    # a signal may reach one rank only (kill PID), or the ranks at different batches
+                    with between_ranks("stop requests"):
+                        requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+                if requested:
+                    raise StopRequested(stop.requested or "a signal to another rank")
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if stop.requested is not None:
@@ -137,6 +196,9 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str]) -> int:
         first = _first_os_error(e)
         where = f"{first.filename}: " if first.filename else ""
         print(f"error: {where}{first.strerror or first}", file=sys.stderr)
+        return 1
+    except RankLost as e:
+        print(f"error: {e}; finished problems are saved: rerun with the same run_dir=... to resume", file=sys.stderr)
         return 1
     except StopRequested as e:
         print(f"stopped on {e}: finished problems are saved; rerun with the same run_dir=... to resume", file=sys.stderr)

@@ -22,6 +22,7 @@ the memory it learned from was scored with gold labels: ``uses_labels``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import warnings
@@ -203,6 +204,15 @@ def save_weaver(weaver: nn.Module, cfg: WeaverConfig, out_dir: Union[str, Path],
     write_atomic(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
     write_atomic(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     return out
+
+
+def weights_sha256(weaver: nn.Module) -> str:
+    """sha256 of the weights a weaver holds now (its saved state, by name), to compare copies."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(weaver.saved_state().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_weaver(

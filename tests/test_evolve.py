@@ -91,14 +91,6 @@ def test_memory_of_another_model_is_refused(tiny_model_dir, ten_problems, tmp_pa
     assert rc == 2 and "some-other-model" in err and "\n" not in err
 
 
-def test_latentevolve_on_several_devices_is_refused_in_one_line(tiny_model_dir, ten_problems, tmp_path, capsys):
-    rc = run_entry_point(adapt.main, evolve_args(tiny_model_dir, ten_problems, tmp_path / "r", "trainer.devices=2",
-                                                 "trainer.strategy=ddp"))
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "trainer.devices" in err and "\n" not in err
-    assert not (tmp_path / "r" / "predictions.jsonl").exists()
-
-
 def test_train_py_under_two_process_ddp_writes_a_checkpoint_adapt_loads(tiny_model_dir, tmp_path):
     import subprocess
     import sys
@@ -415,9 +407,12 @@ def test_a_passing_refinement_archives_the_latents_behind_its_answer(tiny_model,
     records = evolve_day(tiny_model, char_tokenizer, PaysByCount(lambda n: n >= 3), **anchored(reanchor=True))
     head = tiny_model.get_output_embeddings()
     memory = EpisodicMemory(tmp_path / "mem", "tiny", 32)
+    from types import SimpleNamespace
+
     from callbacks.memory import MemoryCallback
 
-    MemoryCallback(memory, threshold=0.5).on_predict_batch_end(None, None, records, None, 0)
+    one_process = SimpleNamespace(world_size=1)  # the callback shares entries between ranks only under DDP
+    MemoryCallback(memory, threshold=0.5).on_predict_batch_end(one_process, None, records, None, 0)
     memory.commit()  # the batch's records are written: its entries are no longer pending
     for r in records:
         assert r["rewards"] == [0.0, 0.0, 1.0] and r["chosen_candidate"] == 2 and r["archived"]
