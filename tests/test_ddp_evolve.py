@@ -99,19 +99,26 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def test_a_rank_killed_mid_run_leaves_a_run_the_rerun_completes_with_every_id_once(tiny_model_dir, tmp_path):
-    data, run_dir = problems_file(tmp_path, 24), tmp_path / "run"
-    args = ddp_evolve(tiny_model_dir, data, run_dir, "data.batch_size=2")
+def signal_rank_one(args: list[str], run_dir: Path, sig: int, after_records: int) -> tuple[int, str]:
+    """Launch a 2-rank run, send ``sig`` to rank 1 (the process Lightning's launcher started) once
+    it has written ``after_records`` records; the launch's exit code and stderr."""
     launch = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     rank1 = run_dir / "predictions.rank1.jsonl"
     deadline = time.monotonic() + 240
-    while not (rank1.is_file() and len(read_records(rank1)) >= 6) and launch.poll() is None and time.monotonic() < deadline:
+    while not (rank1.is_file() and len(read_records(rank1)) >= after_records) and launch.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     children = child_pids(launch.pid)
-    assert launch.poll() is None and children, "the run ended before a rank could be killed"
-    os.kill(children[0], signal.SIGKILL)  # rank 1, the process Lightning's launcher started
+    assert launch.poll() is None and children, "the run ended before a rank could be signalled"
+    os.kill(children[0], sig)
     _, err = launch.communicate(timeout=120)
-    assert launch.returncode == 1
+    return launch.returncode, err
+
+
+def test_a_rank_killed_mid_run_leaves_a_run_the_rerun_completes_with_every_id_once(tiny_model_dir, tmp_path):
+    data, run_dir = problems_file(tmp_path, 24), tmp_path / "run"
+    args = ddp_evolve(tiny_model_dir, data, run_dir, "data.batch_size=2")
+    returncode, err = signal_rank_one(args, run_dir, signal.SIGKILL, after_records=6)
+    assert returncode == 1
     assert err.strip().splitlines()[-1].startswith("error: ") and "another rank of this run stopped" in err, err[-2000:]
     assert "Traceback" not in err
 
@@ -142,18 +149,10 @@ def test_latentevolve_on_spawned_ranks_is_refused_in_one_line(tiny_model_dir, tm
 def test_a_sigterm_to_one_rank_stops_both_after_the_same_batch_and_the_rerun_completes(tiny_model_dir, tmp_path):
     data, run_dir = problems_file(tmp_path, 24), tmp_path / "run"
     args = ddp_evolve(tiny_model_dir, data, run_dir, "data.batch_size=2")
-    launch = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    rank1 = run_dir / "predictions.rank1.jsonl"
-    deadline = time.monotonic() + 240
-    while not (rank1.is_file() and len(read_records(rank1)) >= 4) and launch.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    children = child_pids(launch.pid)
-    assert launch.poll() is None and children, "the run ended before a rank could be stopped"
-    os.kill(children[0], signal.SIGTERM)  # rank 1 only: rank 0 hears of it at the batch's end
-    _, err = launch.communicate(timeout=120)
-    assert launch.returncode == 130 and "stopped on a signal to another rank" in err, err[-2000:]
+    returncode, err = signal_rank_one(args, run_dir, signal.SIGTERM, after_records=4)  # rank 0 hears of it at the batch's end
+    assert returncode == 130 and "stopped on a signal to another rank" in err, err[-2000:]
     # the same batch on both ranks: as many records each
-    assert len(read_records(run_dir / "predictions.rank0.jsonl")) == len(read_records(rank1)) < 12
+    assert len(read_records(run_dir / "predictions.rank0.jsonl")) == len(read_records(run_dir / "predictions.rank1.jsonl")) < 12
 
     rerun = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
