@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from lit_latent.config import UserError
 from lit_latent.results import PREDICTIONS, read_records, summarize
@@ -51,23 +51,27 @@ def by_iteration(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[f
     return mean_reward, accuracy
 
 
-def stopping_points(record: dict[str, Any], answer: str = "last") -> "Points":
+def stopping_points(record: dict[str, Any], answer: str = "last", one_by_one: Optional[bool] = None) -> "Points":
     """``(tokens, tries, correct)`` had the run stopped after the initial answer, after its
     first candidate, its second, ...: what a smaller budget would have given.
 
     Tokens count every generated token (answers and reward generations); tries count the
     answers generated and scored (the initial one included; a candidate that repeats a tried
     prefix is free). ``answer`` is the run's rule: ``last`` (the newest candidate) or ``best``
-    (the highest reward so far, earliest on ties). LatentSeek and resample candidates are
-    decided one by one, so a cut is the run that budget would have made; LatentEvolve's answer
-    comes after its whole refinement, so its records give two points, the initial answer and
-    the final one. Other methods give one point, their answer at their cost.
+    (the highest reward so far, earliest on ties). LatentSeek and resample candidates, and those
+    of LatentEvolve's greedy day (evolve.samples=1), are decided one by one (``one_by_one``; by
+    default all but LatentEvolve's), so a cut is the run that budget would have made; the
+    sampled LatentEvolve's answer comes after its whole refinement, so its records give two
+    points, the initial answer and the final one. Other methods give one point, their answer at
+    their cost.
     """
     candidates = record.get("candidates") or []
     if "initial_correct" not in record:
         return [(record["tokens"], len(record.get("samples") or [None]), bool(record["correct"]))]
     spent = record["tokens"] - sum(c["tokens"] for c in candidates)
-    if record.get("method") == "latentevolve" or len(record["rewards"]) != len(candidates) + 1:
+    if one_by_one is None:
+        one_by_one = record.get("method") != "latentevolve"
+    if not one_by_one or len(record["rewards"]) != len(candidates) + 1:
         tries = 1 + sum(c.get("generations", 1) for c in candidates)
         return [(spent, 1, bool(record["initial_correct"])), (record["tokens"], tries, bool(record["correct"]))]
     points = [(spent, 1, bool(record["initial_correct"]))]
@@ -120,8 +124,13 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     data_path = (config.get("data") or {}).get("path")
     # the answer rule decides what a cut run would have answered (the schema's default: last)
     answer = (config.get("latent") or {}).get("answer", "last") if method in ("latentseek", "resample") else "last"
+    evolve = config.get("evolve") or {}
+    greedy_day = method == "latentevolve" and evolve.get("samples") == 1  # LatentSeek's iteration by day
+    if greedy_day:
+        answer = evolve.get("answer", "last")
     return {
-        "points": [stopping_points(r, answer) for r in records],  # each problem's, for the equal-budget figures
+        # each problem's, for the equal-budget figures
+        "points": [stopping_points(r, answer, one_by_one=True if greedy_day else None) for r in records],
         "dir": run_dir,
         "method": method,
         "data": Path(data_path).stem if data_path else "?",

@@ -87,6 +87,23 @@ def test_stopping_points_follow_the_answer_rule_and_end_at_the_record():
     evolve = dict(costed([0.5, 0.7], [False, False], tokens=[40]), method="latentevolve", correct=True, tokens=120)
     evolve["rewards"] = [0.5, 0.7]  # LatentEvolve's rewards are the steps' means: two points only
     assert stopping_points(evolve, "last") == [(80, 1, False), (120, 2, True)]
+    # LatentEvolve's greedy day (evolve.samples=1) decides its candidates one by one, as LatentSeek does
+    assert stopping_points(dict(record, method="latentevolve"), "best", one_by_one=True) == stopping_points(record, "best")
+
+
+def test_a_greedy_latentevolve_run_is_cut_candidate_by_candidate_like_latentseek(tmp_path):
+    from lit_latent.report import load_run
+
+    record = costed([0.2, 0.6, 0.4, 0.9], [False, False, True, True], tokens=[30, 0, 20], generations=[1, 0, 1])
+    for name, config in (("seek", "method: latentseek\nlatent: {answer: best}\n"),
+                         ("greedy", "method: latentevolve\nevolve: {samples: 1, answer: best}\n"),
+                         ("sampled", "method: latentevolve\nevolve: {samples: 8, answer: best}\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(config)
+        (tmp_path / name / "predictions.jsonl").write_text(json.dumps(dict(record, id="a", method=config.split()[1])) + "\n")
+    seek, greedy, sampled = (load_run(tmp_path / n)["points"] for n in ("seek", "greedy", "sampled"))
+    assert greedy == seek == [[(50, 1, False), (80, 2, False), (80, 2, False), (100, 3, True)]]
+    assert sampled == [[(50, 1, False), (100, 3, True)]]
 
 
 def test_under_budget_cuts_each_problem_where_its_next_candidate_would_pass_it():
