@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 
 from lit_latent.cli import help_text, load_config, parse_args
 from lit_latent.config import TrainConfig, UserError
-from lit_latent.runs import quiet_lightning, run_entry_point
+from lit_latent.runs import hold_lock, quiet_lightning, run_entry_point
 
 if TYPE_CHECKING:
     from lit_latent.weaver import FitResult
@@ -46,6 +46,8 @@ def main(argv: list[str]) -> Optional["FitResult"]:
 
     say = print if rank_zero_only.rank == 0 else (lambda *a: None)  # DDP: one report, from rank 0
     memory = EpisodicMemory.open(memory_dir)  # UserError when there is no memory
+    out.mkdir(parents=True, exist_ok=True)
+    hold_lock(out, "out")  # one fit writes a weaver folder at a time (its DDP ranks share the lock)
     e, z_base, z_star = memory.tensors()
     say(f"memory {memory_dir}: {len(memory)} entries of {memory.latent_count} latents (model {memory.model_id})")
     result = fit_weaver(

@@ -203,6 +203,26 @@ def test_train_py_without_a_memory_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: no episodic memory at /nonexistent (manifest.json not found)"]
 
 
+def test_a_second_fit_into_the_same_out_folder_is_refused_naming_it(tmp_path):
+    memory = EpisodicMemory(tmp_path / "memory", "tiny", HIDDEN)
+    memory.add(*[torch.randn(2, *shape) for shape in ((D,), (LATENTS, HIDDEN), (LATENTS, HIDDEN))], [0.9, 0.8], ["a", "b"])
+    out = tmp_path / "weaver"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lit_latent.runs import hold_lock; "
+                               f"hold_lock({str(out)!r}, 'out'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"memory.path={tmp_path / 'memory'}", f"out={out}"],
+                              capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        holder.kill()
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: config key out:") and f"pid {holder.pid}" in line
+    assert not (out / "weaver.json").exists()
+
+
 def test_checkpoint_records_whether_its_memory_used_labels(tmp_path):
     from lit_latent.memory import check_labels
 
