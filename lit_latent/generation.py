@@ -330,48 +330,51 @@ def generate(
         attention = step_mask(model, cache, all_mask)
         four_d = attention.dim() == 4
     steps = 0
-    for step in range(max_new_tokens):
-        steps = step + 1
-        logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
-        nxt = _pick(logits, temperature, top_p, generators)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        if return_hidden:
-            spans[-1][1].append(last)
-        live_counts += (~done).long()
-        is_eos = torch.isin(nxt, eos) & ~done
-        live_eos |= is_eos
-        live_generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
-        done |= is_eos
-        finished = int(done.sum())
-        if finished == len(done):
-            break
-        if 4 * finished >= len(done):
-            generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
-            keep = (~done).nonzero().squeeze(1)
-            live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
-            live_generated, live_counts, live_eos = live_generated[keep], live_counts[keep], live_eos[keep]
-            spans.append((live.tolist(), []))
-            if generators is not None:
-                generators = [generators[k] for k in keep.tolist()]
+    # inference mode: no version counters or view tracking per op, a cheaper step (the tensors made
+    # here stay inside; the hidden states returned are assembled after it, as normal tensors)
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            steps = step + 1
+            logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
+            nxt = _pick(logits, temperature, top_p, generators)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            if return_hidden:
+                spans[-1][1].append(last)
+            live_counts += (~done).long()
+            is_eos = torch.isin(nxt, eos) & ~done
+            live_eos |= is_eos
+            live_generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
+            done |= is_eos
+            finished = int(done.sum())
+            if finished == len(done):
+                break
+            if 4 * finished >= len(done):
+                generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
+                keep = (~done).nonzero().squeeze(1)
+                live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
+                live_generated, live_counts, live_eos = live_generated[keep], live_counts[keep], live_eos[keep]
+                spans.append((live.tolist(), []))
+                if generators is not None:
+                    generators = [generators[k] for k in keep.tolist()]
+                if use_cache:
+                    select_rows(cache, keep)
+                    pos, attention = pos[keep], attention[keep]
+                else:
+                    all_ids = all_ids[keep]
+            rows_now = len(live)
             if use_cache:
-                select_rows(cache, keep)
-                pos, attention = pos[keep], attention[keep]
+                # the new token: seen by every row, one position past the row's last
+                pos = pos + 1
+                seen = torch.zeros((rows_now, 1, 1, 1), dtype=attention.dtype, device=device) if four_d else \
+                    torch.ones((rows_now, 1), dtype=attention.dtype, device=device)
+                attention = torch.cat([attention, seen], dim=-1)
+                out = backbone(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, use_cache=True, **{CACHE: cache})
+                cache = getattr(out, CACHE)
             else:
-                all_ids = all_ids[keep]
-        rows_now = len(live)
-        if use_cache:
-            # the new token: seen by every row, one position past the row's last
-            pos = pos + 1
-            seen = torch.zeros((rows_now, 1, 1, 1), dtype=attention.dtype, device=device) if four_d else \
-                torch.ones((rows_now, 1), dtype=attention.dtype, device=device)
-            attention = torch.cat([attention, seen], dim=-1)
-            out = backbone(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, use_cache=True, **{CACHE: cache})
-            cache = getattr(out, CACHE)
-        else:
-            all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
-            all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
-            out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
-        last = out.last_hidden_state[:, -1]
+                all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
+                all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
+                out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
+            last = out.last_hidden_state[:, -1]
     generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
 
     generated = generated[:, :steps].tolist()
@@ -392,7 +395,7 @@ def generate(
     return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
 
 
-@torch.no_grad()
+@torch.inference_mode()  # all it returns is token ids (see generate)
 def generate_branches(
     model,
     state: PromptState,
