@@ -312,51 +312,78 @@ def generate(
                         hidden_rows[i].append(block_states[i, width - len(prefix) : width - 1])
 
     # `live` maps the rows still in the batch to their original index: finished rows are
-    # dropped once they are a quarter of the batch, so long answers do not carry short ones
+    # dropped once they are a quarter of the batch, so long answers do not carry short ones.
+    # The per-step bookkeeping runs on the live rows only and is written back to the original
+    # rows when rows leave and at the end (an indexed write per step cost more than the step's
+    # own ops on the embedded model).
     live = torch.arange(batch, device=device)
     generated = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    live_generated, live_counts, live_eos = generated.clone(), counts.clone(), ended_at_eos.clone()
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # per live row
+    # the states behind each step's tokens, [rows, d] per step, in spans of steps with the same live rows
+    spans: list[tuple[list[int], list[Tensor]]] = [(list(range(batch)), [])]
     all_ids, all_mask = ids, mask  # all_ids is only needed without a cache
+    if use_cache:
+        pos = all_mask.sum(-1, keepdim=True) - 1  # each row's last position (left padding counts none)
+        attention = step_mask(model, cache, all_mask)
+        four_d = attention.dim() == 4
     steps = 0
-    for step in range(max_new_tokens):
-        steps = step + 1
-        logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
-        nxt = _pick(logits, temperature, top_p, generators)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        if return_hidden:
-            for k, i in enumerate(live.tolist()):
-                hidden_rows[i].append(last[k : k + 1])
-        counts[live] += (~done).long()
-        is_eos = torch.isin(nxt, eos) & ~done
-        ended_at_eos[live] |= is_eos
-        generated[live, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
-        done |= is_eos
-        if bool(done.all()):
-            break
-        if 4 * int(done.sum()) >= len(done):
-            keep = (~done).nonzero().squeeze(1)
-            live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
-            if generators is not None:
-                generators = [generators[k] for k in keep.tolist()]
+    # inference mode: no version counters or view tracking per op, a cheaper step (the tensors made
+    # here stay inside; the hidden states returned are assembled after it, as normal tensors)
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            steps = step + 1
+            logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
+            nxt = _pick(logits, temperature, top_p, generators)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            if return_hidden:
+                spans[-1][1].append(last)
+            live_counts += (~done).long()
+            is_eos = torch.isin(nxt, eos) & ~done
+            live_eos |= is_eos
+            live_generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
+            done |= is_eos
+            finished = int(done.sum())
+            if finished == len(done):
+                break
+            if 4 * finished >= len(done):
+                generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
+                keep = (~done).nonzero().squeeze(1)
+                live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
+                live_generated, live_counts, live_eos = live_generated[keep], live_counts[keep], live_eos[keep]
+                spans.append((live.tolist(), []))
+                if generators is not None:
+                    generators = [generators[k] for k in keep.tolist()]
+                if use_cache:
+                    select_rows(cache, keep)
+                    pos, attention = pos[keep], attention[keep]
+                else:
+                    all_ids = all_ids[keep]
+            rows_now = len(live)
             if use_cache:
-                select_rows(cache, keep)
+                # the new token: seen by every row, one position past the row's last
+                pos = pos + 1
+                seen = torch.zeros((rows_now, 1, 1, 1), dtype=attention.dtype, device=device) if four_d else \
+                    torch.ones((rows_now, 1), dtype=attention.dtype, device=device)
+                attention = torch.cat([attention, seen], dim=-1)
+                out = backbone(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, use_cache=True, **{CACHE: cache})
+                cache = getattr(out, CACHE)
             else:
-                all_ids = all_ids[keep]
-        rows_now = len(live)
-        all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
-        if use_cache:
-            pos = _positions(all_mask)[:, -1:]
-            out = backbone(input_ids=nxt[:, None], attention_mask=step_mask(model, cache, all_mask), position_ids=pos,
-                           use_cache=True, **{CACHE: cache})
-            cache = getattr(out, CACHE)
-        else:
-            all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
-            out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
-        last = out.last_hidden_state[:, -1]
+                all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
+                all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
+                out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
+            last = out.last_hidden_state[:, -1]
+    generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
 
     generated = generated[:, :steps].tolist()
+    if return_hidden:
+        for rows, states in spans:
+            if states:
+                states = torch.stack(states, dim=1)  # [rows, steps of the span, d]
+                for k, i in enumerate(rows):
+                    hidden_rows[i].append(states[k])
     tokens, hidden = [], [] if return_hidden else None
     latent_device = output_device(model) if return_hidden else None
     for i in range(batch):
@@ -368,7 +395,7 @@ def generate(
     return Generation(tokens=tokens, hidden=hidden, new_tokens=counts.tolist(), finished=ended_at_eos.tolist())
 
 
-@torch.no_grad()
+@torch.inference_mode()  # all it returns is token ids (see generate)
 def generate_branches(
     model,
     state: PromptState,
