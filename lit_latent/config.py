@@ -80,6 +80,10 @@ _SIZE = re.compile(r"^\s*\d+(\.\d*)?\s*(GIB|MIB|KIB|GB|MB|KB)\s*$", re.IGNORECAS
 _DEVICE = re.compile(r"^(cpu|disk|mps|[a-z]+:\d+)$")
 
 
+def _gpu_number(device: Any) -> bool:
+    return isinstance(device, int) and not isinstance(device, bool) and device >= 0
+
+
 def _check_device_map(device_map: Any) -> None:
     key = "config key model.device_map"
     if device_map is None or device_map in PLANNED_MAPS:
@@ -93,7 +97,7 @@ def _check_device_map(device_map: Any) -> None:
     for module, device in places:
         if not isinstance(module, str):
             raise UserError(f"{key}: module names are strings (model.layers.3, lm_head; '' for the whole model), got {module!r}")
-        ok = (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or (
+        ok = _gpu_number(device) or (
             isinstance(device, str) and bool(_DEVICE.match(device)) and (isinstance(device_map, dict) or device != "disk"))
         if not ok:
             where = f" for {module}" if module else ""
@@ -107,7 +111,7 @@ def _check_max_memory(max_memory: dict) -> None:
     for device, size in max_memory.items():
         if size is None and ":" in str(device):  # YAML reads {cpu:2MB} as the key "cpu:2MB"
             raise UserError(f"config key model.max_memory: {device!r} has no size; write a space after the colon ({{cpu: 2MB}})")
-        if not ((isinstance(device, int) and not isinstance(device, bool) and device >= 0) or device in ("cpu", "disk", "mps")):
+        if not (_gpu_number(device) or device in ("cpu", "disk", "mps")):
             raise UserError(f"config key model.max_memory: {device!r} is not a device (a GPU number, cpu, disk or mps)")
         if isinstance(size, bool) or not ((isinstance(size, int) and size > 0) or (isinstance(size, str) and _SIZE.match(size))):
             raise UserError(f"config key model.max_memory: {device}: {size!r} is not a size (bytes, or a number with "
