@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -75,4 +76,11 @@ def tiny_model_dir(tmp_path_factory, char_tokenizer):
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
     char_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_sum_problems(path: Path, n: int) -> Path:
+    """A JSONL file of n problems q0.. "What is i + i?" (answer 2i), as adapt.py reads them."""
+    rows = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import adapt
+from conftest import write_sum_problems
 from lit_latent.results import read_records, repair
 from lit_latent.runs import run_entry_point
 
@@ -16,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def problems_file(tmp_path):
-    path = tmp_path / "problems.jsonl"
-    rows = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_sum_problems(tmp_path / "problems.jsonl", 6)
 
 
 def adapt_args(tiny_model_dir, problems_file, run_dir, *extra):

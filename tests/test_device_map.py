@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import adapt
+from conftest import write_sum_problems
 from lit_latent.config import AdaptConfig, ModelConfig
 from lit_latent.runs import run_entry_point
 
@@ -25,10 +26,7 @@ SPLIT = '{model.embed_tokens: disk, model.layers.0: cpu, model.layers.1: disk, m
 
 @pytest.fixture()
 def problems_file(tmp_path):
-    path = tmp_path / "problems.jsonl"
-    rows = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_sum_problems(tmp_path / "problems.jsonl", 4)
 
 
 def records(run_dir: Path) -> list[dict]:
