@@ -435,6 +435,10 @@ class PerfConfig:
     batch (data.batch_size) takes its slot. 0: the whole batch at once."""
     autocast: bool = False
     """Run generation under bf16 autocast (for GPUs; latents and their loss stay float32)."""
+    draft_tokens: int = 4
+    """Greedy regenerations (LatentSeek, LatentEvolve): up to this many tokens of a draft, looked up
+    in the problem's earlier answers, are checked per step in one forward (lit_latent/drafts.py).
+    Answers are the model's greedy answers up to float rounding; 0: one token per step."""
     compile: bool = False
     """torch.compile the transformer's forward (the decode step), for GPUs. On the 2-core CPU it is
     slower than eager even after compiling (docs/performance.md)."""
@@ -442,6 +446,7 @@ class PerfConfig:
     def __post_init__(self) -> None:
         _positive("perf.chunk", self.chunk)
         _positive("perf.max_active", self.max_active, allow_zero=True)
+        _positive("perf.draft_tokens", self.draft_tokens, allow_zero=True)
 
 
 def refuse_fsdp(trainer: "TrainerConfig", instead: str) -> None:

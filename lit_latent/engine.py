@@ -166,7 +166,10 @@ class Engine:
         return encode_prompts(self.model, prompts, self.pad_id)
 
     def generate(self, prompts, *, prefixes=None, sample: bool = False, generators=None, return_hidden=False,
-                 max_new_tokens=None, prompt_state: Optional[PromptState] = None) -> Generation:
+                 max_new_tokens=None, prompt_state: Optional[PromptState] = None, lookup=None) -> Generation:
+        """Greedy (or ``sample``d) answers to prompt ids (``generation.generate``). ``lookup``: per
+        prompt, earlier answers to the same problem, in which drafts of the greedy answer's next
+        tokens are looked up (``perf.draft_tokens``, ``drafts.py``)."""
         g = self.cfg.generation
         return generate(
             self.model,
@@ -181,6 +184,8 @@ class Engine:
             return_hidden=return_hidden,
             use_cache=not self.reference_mode,
             prompt_state=prompt_state,
+            draft_tokens=self.cfg.perf.draft_tokens,
+            lookup=lookup,
         )
 
     def complete(self, messages: Sequence[str], max_new_tokens: int) -> tuple[list[str], list[int]]:

@@ -33,6 +33,7 @@ from lit_latent.kvcache import (
     select_rows,
     step_mask,
 )
+from lit_latent.drafts import Drafts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -249,6 +250,8 @@ def generate(
     return_hidden: bool = False,
     use_cache: bool = True,
     prompt_state: Optional[PromptState] = None,
+    draft_tokens: int = 0,
+    lookup: Optional[Sequence[Sequence[Sequence[int]]]] = None,
 ) -> Generation:
     """Batched greedy or sampled decoding of left-padded prompts, optionally after a forced prefix.
 
@@ -317,34 +320,41 @@ def generate(
     # rows when rows leave and at the end (an indexed write per step cost more than the step's
     # own ops on the embedded model).
     live = torch.arange(batch, device=device)
-    generated = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+    # a step writes its tokens from each row's count on (-1 where none): room for a whole block past the end
+    generated = torch.full((batch, max_new_tokens + draft_tokens + 1), -1, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     ended_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
     live_generated, live_counts, live_eos = generated.clone(), counts.clone(), ended_at_eos.clone()
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # per live row
-    # the states behind each step's tokens, [rows, d] per step, in spans of steps with the same live rows
-    spans: list[tuple[list[int], list[Tensor]]] = [(list(range(batch)), [])]
+    # per span of steps with the same live rows: per step the states behind the step's tokens
+    # [rows, block, d] and which of them produced a kept token [rows, block]
+    spans: list[tuple[list[int], list[tuple[Tensor, Tensor]]]] = [(list(range(batch)), [])]
     all_ids, all_mask = ids, mask  # all_ids is only needed without a cache
     if use_cache:
         pos = all_mask.sum(-1, keepdim=True) - 1  # each row's last position (left padding counts none)
         attention = step_mask(model, cache, all_mask)
         four_d = attention.dim() == 4
-    steps = 0
+    # greedy rows with a cache that takes a 4D mask check drafts of their next tokens (drafts.py)
+    drafts = None
+    if draft_tokens and lookup is not None and use_cache and four_d and temperature <= 0:
+        contexts = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
+        drafts = Drafts(contexts, lookup, draft_tokens)
     # inference mode: no version counters or view tracking per op, a cheaper step (the tensors made
     # here stay inside; the hidden states returned are assembled after it, as normal tensors)
     with torch.inference_mode():
-        for step in range(max_new_tokens):
-            steps = step + 1
+        while True:
             logits = head(last).float().to(device)  # under a device map lm_head may run elsewhere
             nxt = _pick(logits, temperature, top_p, generators)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             if return_hidden:
-                spans[-1][1].append(last)
-            live_counts += (~done).long()
+                spans[-1][1].append((last[:, None], torch.ones_like(done)[:, None]))
             is_eos = torch.isin(nxt, eos) & ~done
             live_eos |= is_eos
-            live_generated[:, step] = torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)
+            live_generated.scatter_(1, live_counts[:, None], torch.where(done | is_eos, torch.full_like(nxt, -1), nxt)[:, None])
+            live_counts += (~done).long()
             done |= is_eos
+            budget_left = max_new_tokens - live_counts
+            done |= budget_left <= 0
             finished = int(done.sum())
             if finished == len(done):
                 break
@@ -353,37 +363,88 @@ def generate(
                 keep = (~done).nonzero().squeeze(1)
                 live, nxt, done, all_mask = live[keep], nxt[keep], done[keep], all_mask[keep]
                 live_generated, live_counts, live_eos = live_generated[keep], live_counts[keep], live_eos[keep]
+                budget_left = budget_left[keep]
                 spans.append((live.tolist(), []))
                 if generators is not None:
                     generators = [generators[k] for k in keep.tolist()]
+                if drafts is not None:
+                    drafts.select(keep.tolist())
                 if use_cache:
                     select_rows(cache, keep)
                     pos, attention = pos[keep], attention[keep]
                 else:
                     all_ids = all_ids[keep]
             rows_now = len(live)
-            if use_cache:
-                # the new token: seen by every row, one position past the row's last
-                pos = pos + 1
-                seen = torch.zeros((rows_now, 1, 1, 1), dtype=attention.dtype, device=device) if four_d else \
-                    torch.ones((rows_now, 1), dtype=attention.dtype, device=device)
-                attention = torch.cat([attention, seen], dim=-1)
-                out = backbone(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, use_cache=True, **{CACHE: cache})
-                cache = getattr(out, CACHE)
-            else:
+            if not use_cache:
                 all_mask = torch.cat([all_mask, torch.ones((rows_now, 1), dtype=all_mask.dtype, device=device)], dim=1)
                 all_ids = torch.cat([all_ids, nxt[:, None]], dim=1)
                 out = backbone(input_ids=all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), use_cache=False)
-            last = out.last_hidden_state[:, -1]
+                last = out.last_hidden_state[:, -1]
+                continue
+            # the block fed this step: the new token, then each row's draft (drafts.py) padded to one width
+            block = nxt[:, None]
+            guessed = None
+            if drafts is not None:
+                picked = nxt.tolist()
+                left = budget_left.tolist()
+                stopped = done.tolist()
+                guesses = []
+                for r in range(rows_now):
+                    drafts.extend(r, [picked[r]])
+                    guesses.append([] if stopped[r] else drafts.guess(r, left[r]))
+                width = max(len(g) for g in guesses)
+                if width:
+                    guessed = torch.tensor([g + [-1] * (width - len(g)) for g in guesses], device=device)
+                    block = torch.cat([block, guessed.clamp(min=0)], dim=1)
+            n = block.shape[1]
+            # each block token sees the cached positions its row sees and the block's tokens up to itself
+            causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
+            within = torch.zeros((rows_now, 1, n, n), dtype=attention.dtype, device=device).masked_fill_(
+                ~causal, torch.finfo(attention.dtype).min) if four_d else torch.ones((rows_now, n), dtype=attention.dtype, device=device)
+            full = torch.cat([attention.expand(-1, -1, n, -1), within], dim=-1) if four_d else torch.cat([attention, within], dim=-1)
+            out = backbone(input_ids=block, attention_mask=full, position_ids=pos + 1 + torch.arange(n, device=device),
+                           use_cache=True, **{CACHE: cache})
+            cache = getattr(out, CACHE)
+            states = out.last_hidden_state  # [rows, n, d]
+            if guessed is None:
+                accepted = torch.zeros(rows_now, dtype=torch.long, device=device)
+                attention = full[:, :, -1:] if four_d else full
+            else:
+                # a draft token is kept while every token before it in the block was the model's own choice
+                choice = head(states[:, :-1]).float().argmax(-1).to(device)  # [rows, n - 1]
+                agree = (choice == guessed) & (guessed >= 0) & ~done[:, None]
+                accepted = agree.long().cumprod(1).sum(1)
+                # an accepted end of answer ends the row there
+                drafted_eos = torch.isin(guessed, eos) & agree.long().cumprod(1).bool()
+                first_eos = torch.where(drafted_eos.any(1), drafted_eos.long().argmax(1) + 1, accepted)
+                accepted = torch.minimum(accepted, first_eos)
+                kept = torch.arange(n - 1, device=device)[None, :] < accepted[:, None]
+                is_eos = drafted_eos & kept
+                tokens = torch.where(kept & ~is_eos, guessed, torch.full_like(guessed, -1))
+                live_generated.scatter_(1, live_counts[:, None] + torch.arange(n - 1, device=device)[None, :], tokens)
+                live_counts += accepted
+                live_eos |= is_eos.any(1)
+                done |= is_eos.any(1) | (live_counts >= max_new_tokens)
+                if return_hidden:
+                    spans[-1][1].append((states[:, :-1], kept))
+                for r, a in enumerate(accepted.tolist()):
+                    if a:
+                        drafts.extend(r, guesses[r][:a])
+                # the block's positions past a row's last kept token stay in the cache, masked out
+                seen = torch.arange(n, device=device)[None, :] <= accepted[:, None]
+                attention = torch.cat([attention, _additive(seen[:, None, None, :], attention.dtype)], dim=-1)
+            pos = pos + 1 + accepted[:, None]
+            last = states[torch.arange(rows_now, device=states.device), accepted.to(states.device)]
     generated[live], counts[live], ended_at_eos[live] = live_generated, live_counts, live_eos
 
-    generated = generated[:, :steps].tolist()
+    generated = generated[:, :max_new_tokens].tolist()
     if return_hidden:
-        for rows, states in spans:
-            if states:
-                states = torch.stack(states, dim=1)  # [rows, steps of the span, d]
+        for rows, blocks in spans:
+            if blocks:
+                states = torch.cat([b for b, _ in blocks], dim=1)  # [rows, tokens of the span's steps, d]
+                kept = torch.cat([k for _, k in blocks], dim=1)
                 for k, i in enumerate(rows):
-                    hidden_rows[i].append(states[k])
+                    hidden_rows[i].append(states[k][kept[k]])
     tokens, hidden = [], [] if return_hidden else None
     latent_device = output_device(model) if return_hidden else None
     for i in range(batch):

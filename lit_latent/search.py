@@ -93,6 +93,8 @@ class LatentSearch:
         # (the reference regenerates it; answers and rewards are the same either way)
         self.reuse = reward.deterministic and not engine.reference_mode
         self.tried: dict[int, dict[Prefix, tuple[str, float]]] = {}
+        # per problem: its latest answers' tokens, where a regeneration's drafts are looked up (drafts.py)
+        self.answers: dict[int, list[list[int]]] = {}
 
     @property
     def head(self) -> torch.nn.Module:
@@ -178,6 +180,11 @@ class LatentSearch:
 
     # --- candidates -------------------------------------------------------------------------
 
+    def add_answer(self, i: int, tokens: list[int]) -> None:
+        """An answer problem ``i`` got (the CoT, a candidate): its next regenerations look up drafts
+        in the latest two."""
+        self.answers[i] = [tokens] + self.answers.get(i, [])[:1]
+
     def remember(self, i: int, prefix: Sequence[int], text: str, reward: float) -> None:
         """A candidate whose greedy continuation of ``prefix`` is known (e.g. the CoT itself)."""
         if self.reuse:
@@ -198,7 +205,10 @@ class LatentSearch:
             source[(i, x)] = r
         if fresh:
             out = self.engine.generate([prompts[rows[r][0]] for r in fresh], prefixes=[list(rows[r][1]) for r in fresh],
-                                       prompt_state=state and state.select([rows[r][0] for r in fresh]), return_hidden=hidden)
+                                       prompt_state=state and state.select([rows[r][0] for r in fresh]), return_hidden=hidden,
+                                       lookup=[self.answers.get(rows[r][0], []) for r in fresh])
+            for k, r in enumerate(fresh):
+                self.add_answer(rows[r][0], out.tokens[k])
             fresh_texts = self.engine.decode(out.tokens)
             scores = self.reward.score(self.engine, [problems[rows[r][0]] for r in fresh], fresh_texts)
             for k, r in enumerate(fresh):

@@ -70,6 +70,8 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         # evolve.rho: the answer's later latents are refined too, from the CoT's own
         refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
         search.add(i, torch.cat([z0, first.hidden[i][cfg.latent_count : refined].float()]))
+    for i in usable:
+        search.add_answer(i, first.tokens[i])
     samplers = [engine.generator(p["id"], "evolve") for p in problems]
     # evolve.regenerate_after_first_change: a prefix ends at its first token that differs from the CoT's
     original = {i: first.tokens[i][: len(search.latents[i])] for i in usable}
@@ -258,6 +260,7 @@ def greedy_day(engine: Engine, problems: list[dict], reward: Reward, cfg: Evolve
         if seeking[i].steps >= cfg.max_steps:
             continue
         search.add(i, torch.cat([starts[i], z[count_of:]]) if i in starts else z)
+        search.add_answer(i, first.tokens[i])
         seeking[i].start = search.edit_start(cfg.edit_from, first.tokens[i], texts[i], details[i], size)
         if first.finished[i]:
             search.remember(i, seeking[i].original, texts[i], scores.rewards[i])

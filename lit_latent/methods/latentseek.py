@@ -51,6 +51,7 @@ def latent_seek(engine: Engine, problems: list[dict], reward: Reward, cfg: Laten
                                                     [scores.rewards[k]], reward, scores.details[k] if scores.details else None)
                 # 2. the latents to optimize: the first L = min(floor(rho T), L_max) of the answer
                 count = latent_count(len(first.tokens[k]), cfg.rho, cfg.max_latents)
+                search.add_answer(i, first.tokens[k])
                 p = seeking[i] = Seeking(original=first.tokens[k][:count], reward=scores.rewards[k], anchor=scores.rewards[k])
                 if first.finished[k]:  # else a continuation of its prefix gets max_new_tokens more
                     search.remember(i, p.original, texts[k], scores.rewards[k])
