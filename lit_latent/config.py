@@ -439,6 +439,9 @@ class PerfConfig:
     """Greedy regenerations (LatentSeek, LatentEvolve): up to this many tokens of a draft, looked up
     in the problem's earlier answers, are checked per step in one forward (lit_latent/drafts.py).
     Answers are the model's greedy answers up to float rounding; 0: one token per step."""
+    draft_budget: Optional[int] = None
+    """Tokens a drafted step may feed in all (rows x (1 + draft)); drafts are cut to fit. null: by the
+    model's size on CPU (about 40 for the embedded model, 4 for a 0.5B one), 256 on a GPU."""
     compile: bool = False
     """torch.compile the transformer's forward (the decode step), for GPUs. On the 2-core CPU it is
     slower than eager even after compiling (docs/performance.md)."""
@@ -447,6 +450,7 @@ class PerfConfig:
         _positive("perf.chunk", self.chunk)
         _positive("perf.max_active", self.max_active, allow_zero=True)
         _positive("perf.draft_tokens", self.draft_tokens, allow_zero=True)
+        _positive("perf.draft_budget", self.draft_budget)
 
 
 def refuse_fsdp(trainer: "TrainerConfig", instead: str) -> None:

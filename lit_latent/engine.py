@@ -185,6 +185,7 @@ class Engine:
             use_cache=not self.reference_mode,
             prompt_state=prompt_state,
             draft_tokens=self.cfg.perf.draft_tokens,
+            draft_budget=self.cfg.perf.draft_budget,
             lookup=lookup,
         )
 

@@ -33,7 +33,7 @@ from lit_latent.kvcache import (
     select_rows,
     step_mask,
 )
-from lit_latent.drafts import Drafts
+from lit_latent.drafts import Drafts, block_budget
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -252,6 +252,7 @@ def generate(
     prompt_state: Optional[PromptState] = None,
     draft_tokens: int = 0,
     lookup: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    draft_budget: Optional[int] = None,
 ) -> Generation:
     """Batched greedy or sampled decoding of left-padded prompts, optionally after a forced prefix.
 
@@ -261,6 +262,12 @@ def generate(
     ``use_cache=False`` recomputes the whole sequence at every step: the reference
     implementation's cost profile. A model whose cache cannot be held (recurrent or convolution
     states, ``kvcache.holds_kv_cache``) re-runs prompt and prefix instead (``rerun.py``).
+
+    ``lookup[i]`` (earlier answers to row ``i``'s problem) turns on drafts for greedy rows with a
+    held cache (``drafts.py``): each step feeds, after a row's next token, up to ``draft_tokens``
+    tokens that followed its latest tokens before, and keeps those the model would have chosen.
+    A step feeds at most ``draft_budget`` tokens in all (rows x block width; None: by the model's
+    size and device, ``drafts.block_budget``).
     """
     if use_cache and not holds_kv_cache(model):
         from lit_latent.rerun import generate_rerunning  # it builds on this module
@@ -338,7 +345,8 @@ def generate(
     drafts = None
     if draft_tokens and lookup is not None and use_cache and four_d and temperature <= 0:
         contexts = [list(p) + list(x) for p, x in zip(prompts, prefixes)]
-        drafts = Drafts(contexts, lookup, draft_tokens)
+        drafts = Drafts(contexts, lookup)
+        budget = draft_budget or block_budget(model, device)
     # inference mode: no version counters or view tracking per op, a cheaper step (the tensors made
     # here stay inside; the hidden states returned are assembled after it, as normal tensors)
     with torch.inference_mode():
@@ -385,14 +393,15 @@ def generate(
             block = nxt[:, None]
             guessed = None
             if drafts is not None:
-                picked = nxt.tolist()
-                left = budget_left.tolist()
-                stopped = done.tolist()
+                for r, t in enumerate(nxt.tolist()):
+                    drafts.extend(r, [t])
+                # the draft's length: the block's tokens (rows x (1 + draft)) stay within the budget
+                length = min(draft_tokens, budget // rows_now - 1)
                 guesses = []
-                for r in range(rows_now):
-                    drafts.extend(r, [picked[r]])
-                    guesses.append([] if stopped[r] else drafts.guess(r, left[r]))
-                width = max(len(g) for g in guesses)
+                if length > 0:
+                    left, stopped = budget_left.tolist(), done.tolist()
+                    guesses = [[] if stopped[r] else drafts.guess(r, min(length, left[r])) for r in range(rows_now)]
+                width = max((len(g) for g in guesses), default=0)
                 if width:
                     guessed = torch.tensor([g + [-1] * (width - len(g)) for g in guesses], device=device)
                     block = torch.cat([block, guessed.clamp(min=0)], dim=1)

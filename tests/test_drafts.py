@@ -12,24 +12,24 @@ def _prompts(tok, texts):
 
 
 def test_a_guess_is_what_followed_the_longest_match_latest():
-    drafts = Drafts(contexts=[[1, 2, 3]], sources=[[[9, 2, 3, 7, 8], [5, 3, 6, 6, 6, 6]]], length=3)
+    drafts = Drafts(contexts=[[1, 2, 3]], sources=[[[9, 2, 3, 7, 8], [5, 3, 6, 6, 6, 6]]])
     # last tokens (1, 2, 3): no 3-token match; (2, 3) occurred once, followed by 7 8 and the source's end
-    assert drafts.guess(0, budget=10) == [7, 8]
-    assert drafts.guess(0, budget=1) == [7]
+    assert drafts.guess(0, length=10) == [7, 8]
+    assert drafts.guess(0, length=1) == [7]
     drafts.extend(0, [5, 3])
-    # (3, 5, 3) never occurred, (5, 3) did in the second source: 6 6 6, cut to length 3
-    assert drafts.guess(0, budget=10) == [6, 6, 6]
+    # (3, 5, 3) never occurred, (5, 3) did in the second source: 6 6 6 6
+    assert drafts.guess(0, length=3) == [6, 6, 6]
     drafts.extend(0, [4])
-    assert drafts.guess(0, budget=10) == []  # 4 never occurred
+    assert drafts.guess(0, length=10) == []  # 4 never occurred
     drafts.extend(0, [2, 3])
     # (4, 2, 3) is new, (2, 3) occurred last in the row itself, followed by 5 3 4 2 3
-    assert drafts.guess(0, budget=10) == [5, 3, 4]
+    assert drafts.guess(0, length=3) == [5, 3, 4]
 
 
 def test_rows_leave_with_their_tables():
-    drafts = Drafts(contexts=[[1, 2], [3, 4]], sources=[[[2, 7]], [[4, 8]]], length=2)
+    drafts = Drafts(contexts=[[1, 2], [3, 4]], sources=[[[2, 7]], [[4, 8]]])
     drafts.select([1])
-    assert drafts.guess(0, budget=5) == [8]
+    assert drafts.guess(0, length=5) == [8]
 
 
 def _forwards(model):
@@ -93,3 +93,28 @@ def test_sampled_rows_are_not_drafted(tiny_model, char_tokenizer):
     drafted = generate(tiny_model, prompts, generators=gens(), draft_tokens=4, lookup=[[t] for t in plain.tokens], **kw)
     handle.remove()
     assert drafted.tokens == plain.tokens and len(calls) == plain_forwards
+
+
+def test_a_step_feeds_no_more_tokens_than_the_budget(tiny_model, char_tokenizer):
+    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
+    kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0)
+    plain = generate(tiny_model, prompts, **kw)
+    fed = []
+    handle = tiny_model.base_model.register_forward_hook(lambda m, args, kwargs, out: fed.append(kwargs["input_ids"].numel()),
+                                                         with_kwargs=True)
+    for budget, most in ((3, 3), (8, 6), (100, 15)):  # 3 rows: 1, 2 or 5 tokens a row
+        fed.clear()
+        out = generate(tiny_model, prompts, draft_tokens=4, draft_budget=budget, lookup=[[t] for t in plain.tokens], **kw)
+        assert out.tokens == plain.tokens
+        assert max(fed[1:]) <= most  # after the prefill
+    handle.remove()
+
+
+def test_the_budget_follows_model_size_and_device(tiny_model):
+    from lit_latent import drafts
+
+    small = drafts.block_budget(tiny_model, torch.device("cpu"))
+    assert small > 40  # a tiny model: a forward is its fixed cost
+    big = torch.nn.Linear(20_000, 20_000, bias=False, device="meta")  # 400M parameters: the work per token dominates
+    assert drafts.block_budget(big, torch.device("cpu")) == drafts.CPU_TOKENS
+    assert drafts.block_budget(big, torch.device("cuda")) == drafts.GPU_TOKENS
