@@ -159,7 +159,7 @@ def _probe_4d_mask(model) -> bool:
     weight = model.get_output_embeddings().weight
     vocab, dtype = weight.shape[0], next(model.parameters()).dtype
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
-    state = _encode_kv(model, [[t % vocab for t in p] for p in prompts], pad_id=0)
+    state = _encode_padded(model, [[t % vocab for t in p] for p in prompts], pad_id=0)
 
     def run(four_d: bool) -> Tensor:
         cache = copy.copy(state.cache)
@@ -209,7 +209,7 @@ def _probe_kv_cache(model) -> bool:
     tokens = lambda rows: [[t % vocab for t in r] for r in rows]  # noqa: E731
     got = []
     try:
-        state = _encode_kv(model, tokens(prompts), pad_id=0)
+        state = _encode_padded(model, tokens(prompts), pad_id=0)
         for order in ([0, 1], [1, 0, 1]):
             if order == [0, 1]:  # as generate uses a state: new layer objects over the same buffers
                 cache = copy.copy(state.cache)
@@ -280,12 +280,63 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
     return _encode_kv(model, prompts, pad_id)
 
 
+# what one more forward costs, in prompt tokens: prompts are prefilled in groups of similar length
+# where a group saves more padding than this (on the 2-core CPU a forward of the embedded model costs
+# about as much as 40 tokens of prefill; docs/performance.md)
+PREFILL_GROUP_TOKENS = 48
+
+
 @torch.no_grad()
 def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
+    groups = length_groups([len(p) for p in prompts], PREFILL_GROUP_TOKENS)
+    if len(groups) == 1 or not full_attention(new_cache(model, room=0)):
+        return _encode_padded(model, prompts, pad_id)
+    # each group left-padded to its own longest prompt, then right-aligned in one cache of the batch's width
+    _, mask = _left_pad(prompts, pad_id, input_device(model))
+    width = mask.shape[1]
+    parts = [(rows, _encode_padded(model, [prompts[i] for i in rows], pad_id)) for rows in groups]
+    first = parts[0][1]
+    last = first.last.new_empty(len(prompts), first.last.shape[1])
+    layers = []
+    for layer, like in enumerate(first.cache.layers):
+        B, (_, H, _, D) = len(prompts), like.keys.shape
+        keys, values = like.keys.new_zeros(B, H, width, D), like.values.new_zeros(B, H, width, D)
+        for rows, part in parts:
+            index = torch.tensor(rows, device=keys.device)
+            filled = part.cache.layers[layer]
+            keys[index, :, width - filled.length :] = filled.keys
+            values[index, :, width - filled.length :] = filled.values
+        layers.append(ReservedLayer.holding(keys, values))
+    for rows, part in parts:
+        last[torch.tensor(rows, device=last.device)] = part.last
+    cache = new_cache(model, room=256)
+    cache.layers = layers
+    return PromptState(cache, mask, last)
+
+
+def _encode_padded(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
     ids, mask = _left_pad(prompts, pad_id, input_device(model))
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                            use_cache=True, **{CACHE: new_cache(model, room=256)})
     return PromptState(getattr(out, CACHE), mask, _last_state(model, out))
+
+
+def length_groups(lengths: Sequence[int], cost_per_group: int) -> list[list[int]]:
+    """Row indices grouped by length: the split of the rows, sorted by length, into runs that
+    costs the fewest tokens, a run costing its rows padded to its longest plus ``cost_per_group``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0] + [None] * len(order)  # best[j]: the cost of the first j rows
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last run is order[i:j], padded to the length of order[j - 1]
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + cost_per_group
+            if best[j] is None or cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[start[j] : j])
+        j = start[j]
+    return groups[::-1]
 
 
 @torch.no_grad()

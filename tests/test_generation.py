@@ -262,3 +262,23 @@ def test_a_model_with_its_own_code_needs_model_trust_remote_code(tmp_path, char_
     assert type(model).__name__ == "TinyRemoteForCausalLM" and model.ran_the_directorys_code
     out = generate(model, [tokenizer("1 + 1 =")["input_ids"]], max_new_tokens=3, eos_ids=[1], pad_id=0)
     assert len(out.tokens[0]) <= 3
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_groups(tiny_model, char_tokenizer):
+    from lit_latent import kvcache
+
+    assert kvcache.length_groups([5, 90, 7, 88, 6], cost_per_group=10) == [[0, 4, 2], [3, 1]]
+    assert kvcache.length_groups([5, 90, 7], cost_per_group=1000) == [[0, 2, 1]]
+    prompts = _prompts(char_tokenizer, ["a short one", "x" * 90 + " a long prompt", "mid", "y" * 80])
+    assert len(kvcache.length_groups([len(p) for p in prompts], kvcache.PREFILL_GROUP_TOKENS)) == 2
+    grouped = kvcache.encode_prompts(tiny_model, prompts, pad_id=0)
+    padded = kvcache._encode_padded(tiny_model, prompts, pad_id=0)
+    assert [len(layer.keys) for layer in grouped.cache.layers] == [4] * len(padded.cache.layers)
+    assert torch.equal(grouped.mask, padded.mask)
+    torch.testing.assert_close(grouped.last, padded.last, atol=1e-5, rtol=1e-4)
+    real = padded.mask.bool()
+    for a, b in zip(grouped.cache.layers, padded.cache.layers):
+        torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+    kw = dict(eos_ids=[1], pad_id=0, max_new_tokens=6)
+    assert generate(tiny_model, prompts, prompt_state=grouped, **kw).tokens == generate(tiny_model, prompts, **kw).tokens
