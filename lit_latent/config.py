@@ -442,6 +442,10 @@ class PerfConfig:
     draft_budget: Optional[int] = None
     """Tokens a drafted step may feed in all (rows x (1 + draft)); drafts are cut to fit. null: by the
     model's size on CPU (about 40 for the embedded model, 4 for a 0.5B one), 256 on a GPU."""
+    pack_weights: bool = True
+    """On CPU, the transformer's large linear layers (>= 2^19 weights) run through oneDNN with their
+    weights packed once (lit_latent/packed_linear.py): 2x per matmul at a 0.5B model's decoding
+    batch; a second copy of those weights in memory."""
     compile: bool = False
     """torch.compile the transformer's forward (the decode step), for GPUs. On the 2-core CPU it is
     slower than eager even after compiling (docs/performance.md)."""

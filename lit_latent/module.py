@@ -22,6 +22,7 @@ from lit_latent.methods import sampling
 from lit_latent.methods.latentevolve import latent_evolve
 from lit_latent.methods.latentseek import latent_seek
 from lit_latent.methods.ltpo import ltpo
+from lit_latent.packed_linear import pack_linear_weights
 from lit_latent.rewards import Reward
 
 NEEDS_REWARD = ("latentseek", "resample", "best_of_n", "latentevolve")
@@ -54,6 +55,12 @@ class LatentAdaptationModule(L.LightningModule):
             # dynamic shapes: batch and cache lengths change at every step
             self.model.base_model.forward = torch.compile(self.model.base_model.forward, dynamic=True)
             self._compiled = True
+
+    def on_predict_start(self) -> None:
+        # after the Trainer placed the model: its large linear layers packed for oneDNN on CPU
+        perf = self.cfg.perf
+        if perf.pack_weights and not perf.compile and self.engine.device.type == "cpu" and not device_mapped(self.model):
+            pack_linear_weights(self.model)
 
     def configure_optimizers(self):
         return None  # latent optimizers are made per batch, inside the methods

@@ -1,0 +1,47 @@
+"""Large linear layers on CPU through oneDNN with packed weights (perf.pack_weights)."""
+
+import pytest
+import torch
+from torch import nn
+
+from lit_latent.generation import generate
+from lit_latent.packed_linear import PackedLinear, pack_linear_weights
+from conftest import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _prompts(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_packed_layers_give_the_same_answers_and_states(char_tokenizer):
+    plain = make_tiny_model("llama", len(char_tokenizer))
+    packed = make_tiny_model("llama", len(char_tokenizer))
+    packed.load_state_dict(plain.state_dict())
+    assert pack_linear_weights(packed, min_weight=1) == sum(
+        type(m) is nn.Linear for m in plain.modules()) - 1  # all but the head
+    assert type(packed.get_output_embeddings()) is nn.Linear
+    assert pack_linear_weights(packed, min_weight=1) == 0  # packed ones are no longer nn.Linear
+    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here"])
+    kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0, return_hidden=True)
+    want, got = generate(plain, prompts, **kw), generate(packed, prompts, **kw)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.hidden, want.hidden):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_small_layers_stay_and_gradients_still_flow(char_tokenizer):
+    model = make_tiny_model("llama", len(char_tokenizer))
+    assert pack_linear_weights(model) == 0  # the tiny model's weights are all under MIN_WEIGHT
+    layer = nn.Linear(8, 4)
+    layer.weight.requires_grad_(False)
+    holder = nn.Module()
+    holder.layer = layer
+    holder.get_output_embeddings = lambda: None
+    assert pack_linear_weights(holder, min_weight=1) == 1 and type(layer) is PackedLinear
+    x = torch.randn(3, 8, requires_grad=True)  # e.g. LTPO's thoughts: F.linear, differentiable
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.detach()), nn.functional.linear(x.detach(), layer.weight, layer.bias))
