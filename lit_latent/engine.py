@@ -24,6 +24,7 @@ from lit_latent.kvcache import (
     PromptState,
     ReservedLayer,
     accepts_4d_mask,
+    common_prefix,
     encode_prompts,
     extend_prompts,
     full_attention,
@@ -31,15 +32,6 @@ from lit_latent.kvcache import (
 )
 from lit_latent.latents import decode_latents
 from lit_latent.records import adaptive_record, new_record
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def shared_openings(rows: Sequence[Sequence[int]], min_shared: int = 16) -> list[tuple[int, list[int]]]:

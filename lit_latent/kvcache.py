@@ -284,17 +284,36 @@ def encode_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int) -> Prom
 # where a group saves more padding than this (on the 2-core CPU a forward of the embedded model costs
 # about as much as 40 tokens of prefill; docs/performance.md)
 PREFILL_GROUP_TOKENS = 48
+SHARED_OPENING_TOKENS = 8  # a common opening at least this long is prefilled once for all prompts
 
 
 @torch.no_grad()
 def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:
-    groups = length_groups([len(p) for p in prompts], PREFILL_GROUP_TOKENS)
-    if len(groups) == 1 or not full_attention(new_cache(model, room=0)):
+    """The prompts' cache, computed with little repeated or padded work: the opening all prompts
+    share (the chat template's and the instruction's tokens) is prefilled once, the rest of each
+    prompt after it in groups of similar length (``length_groups``), each group's rows left-padded
+    to its longest. The cache holds per row the opening, pads, then the row's own tokens (pads
+    mid-sequence, masked, as ``extend_prompts`` leaves them)."""
+    shared = min(len(p) for p in prompts) - 1  # every row keeps a token of its own: its last state comes from it
+    for p in prompts[1:]:
+        shared = min(shared, common_prefix(prompts[0], p))
+    shared = shared if shared >= SHARED_OPENING_TOKENS else 0
+    rests = [p[shared:] for p in prompts]
+    groups = length_groups([len(r) for r in rests], PREFILL_GROUP_TOKENS)
+    if (not shared and len(groups) == 1) or not full_attention(new_cache(model, room=0)):
         return _encode_padded(model, prompts, pad_id)
-    # each group left-padded to its own longest prompt, then right-aligned in one cache of the batch's width
-    _, mask = _left_pad(prompts, pad_id, input_device(model))
-    width = mask.shape[1]
-    parts = [(rows, _encode_padded(model, [prompts[i] for i in rows], pad_id)) for rows in groups]
+    opening = _encode_padded(model, [prompts[0][:shared]], pad_id) if shared else None
+    parts = []
+    for rows in groups:
+        own = [rests[i] for i in rows]
+        parts.append((rows, extend_prompts(model, opening.select([0] * len(rows)), own, pad_id)[0] if shared
+                      else _encode_padded(model, own, pad_id)))
+    # one cache of the batch's width: the opening, then each group's own part right-aligned
+    width = shared + max(len(r) for r in rests)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=input_device(model))
+    mask[:, :shared] = 1
+    for i, rest in enumerate(rests):
+        mask[i, width - len(rest) :] = 1
     first = parts[0][1]
     last = first.last.new_empty(len(prompts), first.last.shape[1])
     layers = []
@@ -304,14 +323,25 @@ def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptSt
         for rows, part in parts:
             index = torch.tensor(rows, device=keys.device)
             filled = part.cache.layers[layer]
-            keys[index, :, width - filled.length :] = filled.keys
-            values[index, :, width - filled.length :] = filled.values
+            own = filled.length - shared
+            keys[index, :, :shared], values[index, :, :shared] = filled.keys[:, :, :shared], filled.values[:, :, :shared]
+            keys[index, :, width - own :], values[index, :, width - own :] = filled.keys[:, :, shared:], filled.values[:, :, shared:]
         layers.append(ReservedLayer.holding(keys, values))
     for rows, part in parts:
         last[torch.tensor(rows, device=last.device)] = part.last
     cache = new_cache(model, room=256)
     cache.layers = layers
     return PromptState(cache, mask, last)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` open with alike."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _encode_padded(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptState:

@@ -264,21 +264,29 @@ def test_a_model_with_its_own_code_needs_model_trust_remote_code(tmp_path, char_
     assert len(out.tokens[0]) <= 3
 
 
-def test_prompts_of_very_different_lengths_are_prefilled_in_groups(tiny_model, char_tokenizer):
+def test_prompts_are_prefilled_once_for_their_common_opening_then_in_groups(tiny_model, char_tokenizer):
     from lit_latent import kvcache
 
     assert kvcache.length_groups([5, 90, 7, 88, 6], cost_per_group=10) == [[0, 4, 2], [3, 1]]
     assert kvcache.length_groups([5, 90, 7], cost_per_group=1000) == [[0, 2, 1]]
-    prompts = _prompts(char_tokenizer, ["a short one", "x" * 90 + " a long prompt", "mid", "y" * 80])
-    assert len(kvcache.length_groups([len(p) for p in prompts], kvcache.PREFILL_GROUP_TOKENS)) == 2
-    grouped = kvcache.encode_prompts(tiny_model, prompts, pad_id=0)
-    padded = kvcache._encode_padded(tiny_model, prompts, pad_id=0)
-    assert [len(layer.keys) for layer in grouped.cache.layers] == [4] * len(padded.cache.layers)
-    assert torch.equal(grouped.mask, padded.mask)
-    torch.testing.assert_close(grouped.last, padded.last, atol=1e-5, rtol=1e-4)
-    real = padded.mask.bool()
-    for a, b in zip(grouped.cache.layers, padded.cache.layers):
-        torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
-    kw = dict(eos_ids=[1], pad_id=0, max_new_tokens=6)
-    assert generate(tiny_model, prompts, prompt_state=grouped, **kw).tokens == generate(tiny_model, prompts, **kw).tokens
+    opening = "Solve it step by step. "  # 23 tokens all prompts share
+    prompts = _prompts(char_tokenizer, [opening + t for t in ["a short one", "x" * 90 + " a long one", "mid", "y" * 80]])
+    rests = [len(p) - len(opening) for p in prompts]
+    assert len(kvcache.length_groups(rests, kvcache.PREFILL_GROUP_TOKENS)) == 2
+    for shared_opening in (True, False):
+        batch = prompts if shared_opening else [p[len(opening) - 3 :] for p in prompts]  # 3 tokens in common: too few
+        grouped = kvcache.encode_prompts(tiny_model, batch, pad_id=0)
+        padded = kvcache._encode_padded(tiny_model, batch, pad_id=0)
+        opened = grouped.mask[:, : len(opening)].all()
+        assert bool(opened) == shared_opening and torch.equal(grouped.mask.sum(1), padded.mask.sum(1))
+        torch.testing.assert_close(grouped.last, padded.last, atol=1e-5, rtol=1e-4)
+        for a, b in zip(grouped.cache.layers, padded.cache.layers):  # the real tokens' keys and values, in order
+            torch.testing.assert_close(a.keys.transpose(1, 2)[grouped.mask.bool()], b.keys.transpose(1, 2)[padded.mask.bool()],
+                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.values.transpose(1, 2)[grouped.mask.bool()],
+                                       b.values.transpose(1, 2)[padded.mask.bool()], atol=1e-5, rtol=1e-4)
+        kw = dict(eos_ids=[1], pad_id=0, max_new_tokens=6, return_hidden=True)
+        want, got = generate(tiny_model, batch, **kw), generate(tiny_model, batch, prompt_state=grouped, **kw)
+        assert got.tokens == want.tokens
+        for a, b in zip(got.hidden, want.hidden):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
