@@ -45,3 +45,21 @@ def test_small_layers_stay_and_gradients_still_flow(char_tokenizer):
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(3, 8))
     with torch.no_grad():
         torch.testing.assert_close(layer(x.detach()), nn.functional.linear(x.detach(), layer.weight, layer.bias))
+
+
+def test_the_module_packs_large_layers_on_cpu_unless_told_not_to(char_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_latent.config import AdaptConfig, PerfConfig
+    from lit_latent.module import LatentAdaptationModule
+
+    def big_mlp_model():  # one layer whose MLP matrices hold 2^19 weights each
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=256, intermediate_size=2048,
+                                            num_hidden_layers=1, num_attention_heads=4, tie_word_embeddings=False)).eval()
+
+    for pack, want in ((True, 3), (False, 0)):
+        model = big_mlp_model()
+        module = LatentAdaptationModule(model, char_tokenizer, AdaptConfig(method="cot", perf=PerfConfig(pack_weights=pack)))
+        module.on_predict_start()
+        assert sum(type(m) is PackedLinear for m in model.modules()) == want
