@@ -7,7 +7,9 @@ once per step at the machine's copy bandwidth.
 A decode step reads every weight of the transformer and the head once (the embedding only one row per
 token), so at ``rows`` rows a step cannot take less than ``weight bytes / bandwidth``. The bandwidth is
 measured here as a large tensor copy (read + write bytes over seconds, the best of a few), at the same
-torch thread count. Last lines: ``rows=<R> steps/s=<...> tokens/s=<...> fraction_of_limit=<...>``.
+torch thread count. The model's large layers are packed for oneDNN as ``adapt.py`` packs them on CPU
+(``perf.pack_weights``; ``--unpacked``: plain ``F.linear``). Last lines: ``rows=<R> steps/s=<...>
+tokens/s=<...> fraction_of_limit=<...>``.
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 6])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--unpacked", action="store_true", help="leave the linear layers as transformers made them")
     args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
 
     from lit_latent.generation import generate
     from lit_latent.kvcache import encode_prompts
+    from lit_latent.packed_linear import pack_linear_weights
 
     torch.set_num_threads(args.threads)
     if args.size == "qwen05b":
@@ -70,10 +74,11 @@ def main() -> None:
         path = ROOT / "lit_latent" / "embedded" / "model"
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
     weights = streamed_bytes(model)
+    packed = 0 if args.unpacked else pack_linear_weights(model)
     bandwidth = copy_bandwidth()
     limit = bandwidth / weights  # steps per second if a step only streamed the weights
     print(f"model: {path.name}  weights read per step: {weights / 2**20:.1f} MiB  copy bandwidth: {bandwidth / 1e9:.2f} GB/s"
-          f"  ({args.threads} thread(s))  limit: {limit:.2f} steps/s")
+          f"  ({args.threads} thread(s), {packed} layers packed)  limit: {limit:.2f} steps/s")
     vocab = model.config.vocab_size
     for rows in args.rows:
         prompts = [[(7 * r + k) % (vocab - 3) + 3 for k in range(32 + 4 * r)] for r in range(rows)]
@@ -81,7 +86,7 @@ def main() -> None:
         generate(model, prompts, max_new_tokens=2, eos_ids=[-1], pad_id=0, prompt_state=state.select(range(rows)))  # warm
         start = time.perf_counter()
         generate(model, prompts, max_new_tokens=args.steps, eos_ids=[-1], pad_id=0, prompt_state=state.select(range(rows)))
-        steps_per_s = args.steps / (time.perf_counter() - start)  # a forward per token (the last one's is not used)
+        steps_per_s = (args.steps - 1) / (time.perf_counter() - start)  # a forward per token after the first
         print(f"rows={rows} steps/s={steps_per_s:.2f} tokens/s={rows * steps_per_s:.1f} fraction_of_limit={steps_per_s / limit:.2f}")
 
 
