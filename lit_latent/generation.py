@@ -219,6 +219,32 @@ class Generation:
     """Per row: stopped at EOS rather than at max_new_tokens."""
 
 
+def _block_mask(attention: Tensor, n: int, four_d: bool) -> Tensor:
+    """The mask of a step that feeds ``n`` tokens a row: each sees the cached positions its row sees
+    (``attention``: 4D additive ``[rows, 1, 1, S]`` or 2D ``[rows, S]``, then only for ``n = 1``) and
+    the block's tokens up to itself."""
+    rows = attention.shape[0]
+    if not four_d:
+        return torch.cat([attention, torch.ones((rows, n), dtype=attention.dtype, device=attention.device)], dim=-1)
+    causal = torch.ones((n, n), dtype=torch.bool, device=attention.device).tril()
+    within = torch.zeros((rows, 1, n, n), dtype=attention.dtype, device=attention.device)
+    within.masked_fill_(~causal, torch.finfo(attention.dtype).min)
+    return torch.cat([attention.expand(-1, -1, n, -1), within], dim=-1)
+
+
+def _accepted(choice: Tensor, guessed: Tensor, done: Tensor, eos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row, how many draft tokens ``guessed`` ``[rows, k]`` (-1: none) to keep: each while every
+    one before it, and it, is the model's own ``choice``, through the first end of answer. Returns
+    the counts ``[rows]``, which draft positions are kept and which kept ones end the answer."""
+    agree = (choice == guessed) & (guessed >= 0) & ~done[:, None]
+    run = agree.long().cumprod(1).bool()  # the unbroken run of agreement from the block's start
+    accepted = run.sum(1)
+    drafted_eos = torch.isin(guessed, eos) & run
+    accepted = torch.where(drafted_eos.any(1), drafted_eos.long().argmax(1) + 1, accepted)
+    kept = torch.arange(guessed.shape[1], device=guessed.device)[None, :] < accepted[:, None]
+    return accepted, kept, drafted_eos & kept
+
+
 def _pick(logits: Tensor, temperature: float, top_p: float, generators: Optional[list[torch.Generator]]) -> Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
@@ -406,11 +432,7 @@ def generate(
                     guessed = torch.tensor([g + [-1] * (width - len(g)) for g in guesses], device=device)
                     block = torch.cat([block, guessed.clamp(min=0)], dim=1)
             n = block.shape[1]
-            # each block token sees the cached positions its row sees and the block's tokens up to itself
-            causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
-            within = torch.zeros((rows_now, 1, n, n), dtype=attention.dtype, device=device).masked_fill_(
-                ~causal, torch.finfo(attention.dtype).min) if four_d else torch.ones((rows_now, n), dtype=attention.dtype, device=device)
-            full = torch.cat([attention.expand(-1, -1, n, -1), within], dim=-1) if four_d else torch.cat([attention, within], dim=-1)
+            full = _block_mask(attention, n, four_d)
             out = backbone(input_ids=block, attention_mask=full, position_ids=pos + 1 + torch.arange(n, device=device),
                            use_cache=True, **{CACHE: cache})
             cache = getattr(out, CACHE)
@@ -419,16 +441,8 @@ def generate(
                 accepted = torch.zeros(rows_now, dtype=torch.long, device=device)
                 attention = full[:, :, -1:] if four_d else full
             else:
-                # a draft token is kept while every token before it in the block was the model's own choice
-                choice = head(states[:, :-1]).float().argmax(-1).to(device)  # [rows, n - 1]
-                agree = (choice == guessed) & (guessed >= 0) & ~done[:, None]
-                accepted = agree.long().cumprod(1).sum(1)
-                # an accepted end of answer ends the row there
-                drafted_eos = torch.isin(guessed, eos) & agree.long().cumprod(1).bool()
-                first_eos = torch.where(drafted_eos.any(1), drafted_eos.long().argmax(1) + 1, accepted)
-                accepted = torch.minimum(accepted, first_eos)
-                kept = torch.arange(n - 1, device=device)[None, :] < accepted[:, None]
-                is_eos = drafted_eos & kept
+                choice = head(states[:, :-1]).float().argmax(-1).to(device)  # the model's own token after each block token
+                accepted, kept, is_eos = _accepted(choice, guessed, done, eos)
                 tokens = torch.where(kept & ~is_eos, guessed, torch.full_like(guessed, -1))
                 live_generated.scatter_(1, live_counts[:, None] + torch.arange(n - 1, device=device)[None, :], tokens)
                 live_counts += accepted
