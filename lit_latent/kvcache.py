@@ -297,7 +297,7 @@ def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptSt
     shared = min(len(p) for p in prompts) - 1  # every row keeps a token of its own: its last state comes from it
     for p in prompts[1:]:
         shared = min(shared, common_prefix(prompts[0], p))
-    shared = shared if shared >= SHARED_OPENING_TOKENS else 0
+    shared = shared if shared >= SHARED_OPENING_TOKENS and len(prompts) > 1 else 0
     rests = [p[shared:] for p in prompts]
     groups = length_groups([len(r) for r in rests], PREFILL_GROUP_TOKENS)
     if (not shared and len(groups) == 1) or not full_attention(new_cache(model, room=0)):
