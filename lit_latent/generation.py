@@ -465,7 +465,7 @@ def generate(
         for rows, blocks in spans:
             if blocks:
                 states = torch.cat([b for b, _ in blocks], dim=1)  # [rows, tokens of the span's steps, d]
-                kept = torch.cat([k for _, k in blocks], dim=1)
+                kept = torch.cat([k for _, k in blocks], dim=1).to(states.device)  # under a device map: another device
                 for k, i in enumerate(rows):
                     hidden_rows[i].append(states[k][kept[k]])
     tokens, hidden = [], [] if return_hidden else None

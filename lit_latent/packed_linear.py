@@ -48,9 +48,17 @@ def pack_linear_weights(model, min_weight: int = MIN_WEIGHT) -> int:
     chosen = [m for m in model.modules() if type(m) is nn.Linear and m is not head and m.weight.device.type == "cpu"
               and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weight]
     extra = sum(m.weight.numel() * m.weight.element_size() for m in chosen)
-    if extra > MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+    if extra > MEMORY_SHARE * _physical_memory():
         return 0
     for module in chosen:
         module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)
         module.__class__ = PackedLinear
     return len(chosen)
+
+
+def _physical_memory() -> int:
+    """The machine's memory in bytes (8 GiB where the OS does not say, e.g. no ``os.sysconf`` on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30

@@ -63,3 +63,12 @@ def test_the_module_packs_large_layers_on_cpu_unless_told_not_to(char_tokenizer)
         module = LatentAdaptationModule(model, char_tokenizer, AdaptConfig(method="cot", perf=PerfConfig(pack_weights=pack)))
         module.on_predict_start()
         assert sum(type(m) is PackedLinear for m in model.modules()) == want
+
+
+def test_nothing_is_packed_where_the_copies_would_not_fit(char_tokenizer, monkeypatch):
+    from lit_latent import packed_linear
+
+    model = make_tiny_model("llama", len(char_tokenizer))
+    monkeypatch.setattr(packed_linear, "_physical_memory", lambda: 4 * 1024)  # 4 KiB: a quarter holds no layer
+    assert pack_linear_weights(model, min_weight=1) == 0
+    assert not any(type(m) is PackedLinear for m in model.modules())
