@@ -4,8 +4,8 @@ PyTorch's CPU linear (MKL's sgemm) rearranges the weight into its own blocked la
 call. For the few rows of a decoding step, on weights too large for the cache, that rearranging
 costs more than the multiplication: on the 2-core CPU, a Qwen2-0.5B-shaped MLP matrix times 12
 rows takes 2.5 ms through ``F.linear`` and 1.15 ms through oneDNN with the weight packed ahead.
-Small weights stay on MKL,
-which is faster for them (the embedded model's are all small, so its records never pass here).
+Small weights stay on MKL, which is faster for them (the embedded model's are all small, so its
+records never pass here).
 
 The packed copy is held beside the original weight (which other code reads: shapes, dtypes,
 a device move), so packing costs the packed layers' memory once more; a model whose packed
