@@ -29,13 +29,13 @@ class Drafts:
         self.tokens: list[list[int]] = []
         # (last tokens) -> where the tokens after their latest occurrence start in self.tokens[row]
         self.follows: list[dict[tuple[int, ...], int]] = []
-        for context, extra in zip(contexts, sources):
+        for row, (context, extra) in enumerate(zip(contexts, sources)):
             self.tokens.append([])
             self.follows.append({})
             # sources first, the row's own tokens last: a later occurrence replaces an earlier one
             for seq in extra:
-                self.extend(len(self.tokens) - 1, [*seq, SEPARATOR])
-            self.extend(len(self.tokens) - 1, context)
+                self.extend(row, [*seq, SEPARATOR])
+            self.extend(row, context)
 
     def extend(self, row: int, new: Sequence[int]) -> None:
         """Tokens the row now has (its next token, accepted draft tokens)."""

@@ -309,11 +309,9 @@ def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptSt
         parts.append((rows, extend_prompts(model, opening.select([0] * len(rows)), own, pad_id)[0] if shared
                       else _encode_padded(model, own, pad_id)))
     # one cache of the batch's width: the opening, then each group's own part right-aligned
-    width = shared + max(len(r) for r in rests)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=input_device(model))
-    mask[:, :shared] = 1
-    for i, rest in enumerate(rests):
-        mask[i, width - len(rest) :] = 1
+    _, own_mask = _left_pad(rests, pad_id, input_device(model))
+    mask = torch.cat([torch.ones_like(own_mask[:, :1]).expand(-1, shared), own_mask], dim=1)
+    width = mask.shape[1]
     first = parts[0][1]
     last = first.last.new_empty(len(prompts), first.last.shape[1])
     layers = []
