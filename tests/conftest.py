@@ -45,6 +45,11 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0):
     return model
 
 
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, as prompts for generate."""
+    return [tok(t)["input_ids"] for t in texts]
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 """The benchmark files (gsm8k, math500, aime24) kept beside the checkout, as configs/data/*.yaml expect."""
 

@@ -2,13 +2,10 @@
 
 import torch
 
+from conftest import token_ids
 from lit_latent.drafts import Drafts
 from lit_latent.generation import generate
 from lit_latent.kvcache import encode_prompts
-
-
-def _prompts(tok, texts):
-    return [tok(t)["input_ids"] for t in texts]
 
 
 def test_a_guess_is_what_followed_the_longest_match_latest():
@@ -39,7 +36,7 @@ def _forwards(model):
 
 
 def test_drafted_answers_are_the_greedy_answers_in_fewer_forwards(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
+    prompts = token_ids(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
     kw = dict(max_new_tokens=14, eos_ids=[1], pad_id=0, return_hidden=True)
     calls, handle = _forwards(tiny_model)
     plain = generate(tiny_model, prompts, **kw)
@@ -63,7 +60,7 @@ def test_drafted_answers_are_the_greedy_answers_in_fewer_forwards(tiny_model, ch
 
 
 def test_drafted_regenerations_stop_where_greedy_stops(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["continue me", "and me too", "third one"])
+    prompts = token_ids(char_tokenizer, ["continue me", "and me too", "third one"])
     state = encode_prompts(tiny_model, prompts, pad_id=0)
     probe = generate(tiny_model, prompts, max_new_tokens=12, eos_ids=[1], pad_id=0)
     # a token inside row 1's continuation ends answers: drafts then carry an end of answer
@@ -83,7 +80,7 @@ def test_drafted_regenerations_stop_where_greedy_stops(tiny_model, char_tokenize
 
 
 def test_sampled_rows_are_not_drafted(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["sample me", "and me"])
+    prompts = token_ids(char_tokenizer, ["sample me", "and me"])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
     kw = dict(max_new_tokens=8, eos_ids=[1], pad_id=0, temperature=1.0)
     calls, handle = _forwards(tiny_model)
@@ -96,7 +93,7 @@ def test_sampled_rows_are_not_drafted(tiny_model, char_tokenizer):
 
 
 def test_a_step_feeds_no_more_tokens_than_the_budget(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
+    prompts = token_ids(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
     kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0)
     plain = generate(tiny_model, prompts, **kw)
     fed = []

@@ -2,15 +2,12 @@ import copy
 
 import torch
 
+from conftest import token_ids
 from lit_latent.generation import generate
 
 
-def _prompts(tok, texts):
-    return [tok(t)["input_ids"] for t in texts]
-
-
 def test_cached_hidden_states_match_full_recompute(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
+    prompts = token_ids(char_tokenizer, ["12 + 3 =", "a much longer prompt here", "x"])
     kw = dict(max_new_tokens=12, eos_ids=[1], pad_id=0, return_hidden=True)
     fast = generate(tiny_model, prompts, use_cache=True, **kw)
     slow = generate(tiny_model, prompts, use_cache=False, **kw)
@@ -21,7 +18,7 @@ def test_cached_hidden_states_match_full_recompute(tiny_model, char_tokenizer):
 
 
 def test_hidden_states_are_post_norm_latents_of_each_token(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["hello", "3 × 4 = 12, so"])
+    prompts = token_ids(char_tokenizer, ["hello", "3 × 4 = 12, so"])
     out = generate(tiny_model, prompts, max_new_tokens=10, eos_ids=[1], pad_id=0, return_hidden=True)
     head = tiny_model.get_output_embeddings()
     for toks, hid in zip(out.tokens, out.hidden):
@@ -30,7 +27,7 @@ def test_hidden_states_are_post_norm_latents_of_each_token(tiny_model, char_toke
 
 
 def test_batched_left_padding_matches_one_by_one(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["short", "a somewhat longer prompt", "mid size"])
+    prompts = token_ids(char_tokenizer, ["short", "a somewhat longer prompt", "mid size"])
     kw = dict(max_new_tokens=8, eos_ids=[1], pad_id=0, return_hidden=True)
     batched = generate(tiny_model, prompts, **kw)
     for i, p in enumerate(prompts):
@@ -40,7 +37,7 @@ def test_batched_left_padding_matches_one_by_one(tiny_model, char_tokenizer):
 
 
 def test_continue_from_prefix_equals_uninterrupted_greedy(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["continue me", "and me too"])
+    prompts = token_ids(char_tokenizer, ["continue me", "and me too"])
     kw = dict(eos_ids=[1], pad_id=0, return_hidden=True)
     full = generate(tiny_model, prompts, max_new_tokens=10, **kw)
     prefixes = [t[:4] for t in full.tokens]
@@ -52,7 +49,7 @@ def test_continue_from_prefix_equals_uninterrupted_greedy(tiny_model, char_token
 
 
 def test_stops_at_eos_and_max_new_tokens(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["stop", "go on"])
+    prompts = token_ids(char_tokenizer, ["stop", "go on"])
     probe = generate(tiny_model, prompts, max_new_tokens=5, eos_ids=[1], pad_id=0)
     # declare the first generated token of row 0 an EOS: row 0 ends at once, row 1 runs on
     eos = probe.tokens[0][0]
@@ -63,7 +60,7 @@ def test_stops_at_eos_and_max_new_tokens(tiny_model, char_tokenizer):
 
 
 def test_sampling_is_reproducible_per_row_generator(tiny_model, char_tokenizer):
-    prompts = _prompts(char_tokenizer, ["sample", "another"])
+    prompts = token_ids(char_tokenizer, ["sample", "another"])
     def run(order):
         gens = [torch.Generator().manual_seed(s) for s in order]
         ps = [prompts[0], prompts[1]] if order == [7, 8] else [prompts[1], prompts[0]]
@@ -79,7 +76,7 @@ def test_sampling_is_reproducible_per_row_generator(tiny_model, char_tokenizer):
 def test_reused_prompt_state_matches_fresh_prefill(tiny_model, char_tokenizer):
     from lit_latent.kvcache import encode_prompts
 
-    prompts = _prompts(char_tokenizer, ["first prompt", "second, longer prompt", "3rd"])
+    prompts = token_ids(char_tokenizer, ["first prompt", "second, longer prompt", "3rd"])
     kw = dict(eos_ids=[1], pad_id=0, return_hidden=True, max_new_tokens=6)
     state = encode_prompts(tiny_model, prompts, pad_id=0)
     full = generate(tiny_model, prompts, **kw)
@@ -131,8 +128,8 @@ def test_packed_branches_answer_each_branch_as_if_alone(tiny_model, char_tokeniz
     from lit_latent.generation import generate_branches
     from lit_latent.kvcache import encode_prompts
 
-    openings = _prompts(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
-    branches = [_prompts(char_tokenizer, [" Right?", " Is the answer boxed?", "!"]), _prompts(char_tokenizer, [" ok?"])]
+    openings = token_ids(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
+    branches = [token_ids(char_tokenizer, [" Right?", " Is the answer boxed?", "!"]), token_ids(char_tokenizer, [" ok?"])]
     state = encode_prompts(tiny_model, openings, pad_id=0)
     tokens, counts = generate_branches(tiny_model, state, branches, max_new_tokens=7, eos_ids=[1], pad_id=0)
     assert [len(t) for t in tokens] == [3, 1]
@@ -147,8 +144,8 @@ def test_packed_branches_stop_each_branch_at_its_own_eos(tiny_model, char_tokeni
     from lit_latent.generation import generate_branches
     from lit_latent.kvcache import encode_prompts
 
-    openings = _prompts(char_tokenizer, ["stop here", "go"])
-    branches = [_prompts(char_tokenizer, [" a", " bb"]), _prompts(char_tokenizer, [" c"])]
+    openings = token_ids(char_tokenizer, ["stop here", "go"])
+    branches = [token_ids(char_tokenizer, [" a", " bb"]), token_ids(char_tokenizer, [" c"])]
     state = encode_prompts(tiny_model, openings, pad_id=0)
     probe, _ = generate_branches(tiny_model, state, branches, max_new_tokens=5, eos_ids=[1], pad_id=0)
     eos = probe[0][0][2]  # branch (0, 0) ends at its third token; the others run on
@@ -162,7 +159,7 @@ def test_packed_branches_stop_each_branch_at_its_own_eos(tiny_model, char_tokeni
 
 def test_greedy_tokens_equal_transformers_generate(tiny_model, char_tokenizer):
     # a change in transformers' decoding or masks shows up here first
-    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a longer prompt, left-padded"])
+    prompts = token_ids(char_tokenizer, ["12 + 3 =", "a longer prompt, left-padded"])
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
@@ -177,8 +174,8 @@ def test_packed_branches_fall_back_where_4d_masks_are_not_taken(tiny_model, char
     from lit_latent.generation import generate_branches
     from lit_latent.kvcache import _PROBED, accepts_4d_mask, encode_prompts
 
-    openings = _prompts(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
-    branches = [_prompts(char_tokenizer, [" Right?", " Is it boxed?"]), _prompts(char_tokenizer, [" ok?"])]
+    openings = token_ids(char_tokenizer, ["Problem: 3 + 5. Solution: 8.", "other"])
+    branches = [token_ids(char_tokenizer, [" Right?", " Is it boxed?"]), token_ids(char_tokenizer, [" ok?"])]
     assert accepts_4d_mask(tiny_model)
     packed = generate_branches(tiny_model, encode_prompts(tiny_model, openings, 0), branches, max_new_tokens=5,
                                eos_ids=[1], pad_id=0)
@@ -270,7 +267,7 @@ def test_prompts_are_prefilled_once_for_their_common_opening_then_in_groups(tiny
     assert kvcache.length_groups([5, 90, 7, 88, 6], cost_per_group=10) == [[0, 4, 2], [3, 1]]
     assert kvcache.length_groups([5, 90, 7], cost_per_group=1000) == [[0, 2, 1]]
     opening = "Solve it step by step. "  # 23 tokens all prompts share
-    prompts = _prompts(char_tokenizer, [opening + t for t in ["a short one", "x" * 90 + " a long one", "mid", "y" * 80]])
+    prompts = token_ids(char_tokenizer, [opening + t for t in ["a short one", "x" * 90 + " a long one", "mid", "y" * 80]])
     rests = [len(p) - len(opening) for p in prompts]
     assert len(kvcache.length_groups(rests, kvcache.PREFILL_GROUP_TOKENS)) == 2
     for shared_opening in (True, False):

@@ -6,13 +6,9 @@ from torch import nn
 
 from lit_latent.generation import generate
 from lit_latent.packed_linear import PackedLinear, pack_linear_weights
-from conftest import make_tiny_model
+from conftest import make_tiny_model, token_ids
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-
-
-def _prompts(tok, texts):
-    return [tok(t)["input_ids"] for t in texts]
 
 
 def test_packed_layers_give_the_same_answers_and_states(char_tokenizer):
@@ -23,7 +19,7 @@ def test_packed_layers_give_the_same_answers_and_states(char_tokenizer):
         type(m) is nn.Linear for m in plain.modules()) - 1  # all but the head
     assert type(packed.get_output_embeddings()) is nn.Linear
     assert pack_linear_weights(packed, min_weight=1) == 0  # packed ones are no longer nn.Linear
-    prompts = _prompts(char_tokenizer, ["12 + 3 =", "a much longer prompt here"])
+    prompts = token_ids(char_tokenizer, ["12 + 3 =", "a much longer prompt here"])
     kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0, return_hidden=True)
     want, got = generate(plain, prompts, **kw), generate(packed, prompts, **kw)
     assert got.tokens == want.tokens
