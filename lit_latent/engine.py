@@ -22,13 +22,12 @@ from lit_latent.generation import Generation, chat_prompt, eos_token_ids, genera
 from lit_latent.heads import LogitHead
 from lit_latent.kvcache import (
     PromptState,
-    ReservedLayer,
     accepts_4d_mask,
+    cache_from_pieces,
     common_prefix,
     encode_prompts,
     extend_prompts,
     full_attention,
-    new_cache,
 )
 from lit_latent.latents import decode_latents
 from lit_latent.records import adaptive_record, new_record
@@ -237,17 +236,10 @@ class Engine:
             # the known parts, right-aligned as a cache (a row with none is all padding), then the rest
             width = max(n for n, _ in found)
             mask = torch.zeros((len(heads), width), dtype=torch.long, device=self.device)
-            cache = new_cache(self.model, room=256)
-            reference = next(kv for n, kv in found if n)
-            cache.layers = []
-            for layer, (k0, v0) in enumerate(reference):
-                keys = k0.new_zeros(len(heads), k0.shape[1], width, k0.shape[3])
-                values = v0.new_zeros(len(heads), v0.shape[1], width, v0.shape[3])
-                for g, (n, kv) in enumerate(found):
-                    if n:
-                        keys[g, :, width - n :], values[g, :, width - n :] = kv[layer][0][0, :, :n], kv[layer][1][0, :, :n]
-                        mask[g, width - n :] = 1
-                cache.layers.append(ReservedLayer.holding(keys, values))
+            for g, (n, _) in enumerate(found):
+                mask[g, width - n :] = 1  # n = 0: nothing known, all padding
+            pieces = [([g], width - n, [(k[:, :, :n], v[:, :, :n]) for k, v in kv]) for g, (n, kv) in enumerate(found) if n]
+            cache = cache_from_pieces(self.model, len(heads), width, pieces)
             # every row has at least one token left to encode, so its last state comes from there
             known = PromptState(cache, mask, torch.empty(0, device=self.device))
             state, _ = extend_prompts(self.model, known, [h[n:] for h, (n, _) in zip(heads, found)], self.pad_id)

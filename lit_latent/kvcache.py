@@ -312,24 +312,36 @@ def _encode_kv(model, prompts: Sequence[Sequence[int]], pad_id: int) -> PromptSt
     _, own_mask = _left_pad(rests, pad_id, input_device(model))
     mask = torch.cat([torch.ones_like(own_mask[:, :1]).expand(-1, shared), own_mask], dim=1)
     width = mask.shape[1]
-    first = parts[0][1]
-    last = first.last.new_empty(len(prompts), first.last.shape[1])
-    layers = []
-    for layer, like in enumerate(first.cache.layers):
-        B, (_, H, _, D) = len(prompts), like.keys.shape
-        keys, values = like.keys.new_zeros(B, H, width, D), like.values.new_zeros(B, H, width, D)
-        for rows, part in parts:
-            index = torch.tensor(rows, device=keys.device)
-            filled = part.cache.layers[layer]
-            own = filled.length - shared
-            keys[index, :, :shared], values[index, :, :shared] = filled.keys[:, :, :shared], filled.values[:, :, :shared]
-            keys[index, :, width - own :], values[index, :, width - own :] = filled.keys[:, :, shared:], filled.values[:, :, shared:]
-        layers.append(ReservedLayer.holding(keys, values))
+    pieces = []
+    for rows, part in parts:
+        filled = part.cache.layers
+        own = filled[0].length - shared
+        if shared:
+            pieces.append((rows, 0, [(layer.keys[:, :, :shared], layer.values[:, :, :shared]) for layer in filled]))
+        pieces.append((rows, width - own, [(layer.keys[:, :, shared:], layer.values[:, :, shared:]) for layer in filled]))
+    last = parts[0][1].last.new_empty(len(prompts), parts[0][1].last.shape[1])
     for rows, part in parts:
         last[torch.tensor(rows, device=last.device)] = part.last
+    return PromptState(cache_from_pieces(model, len(prompts), width, pieces), mask, last)
+
+
+def cache_from_pieces(model, batch: int, width: int, pieces) -> Any:
+    """A cache of ``batch`` rows and ``width`` positions put together from known keys and values:
+    each piece ``(rows, start, layers)`` writes ``layers[l] = (keys, values)`` (``[len(rows), H, n, D]``)
+    into layer ``l`` of those rows from position ``start`` on. Positions no piece writes stay zero;
+    the caller's mask leaves them out."""
+    layers = []
+    for layer, (k0, v0) in enumerate(pieces[0][2]):
+        keys = k0.new_zeros(batch, k0.shape[1], width, k0.shape[3])
+        values = v0.new_zeros(batch, v0.shape[1], width, v0.shape[3])
+        for rows, start, kv in pieces:
+            k, v = kv[layer]
+            index = torch.tensor(rows, device=keys.device)  # under a device map each layer sits on its own device
+            keys[index, :, start : start + k.shape[2]], values[index, :, start : start + v.shape[2]] = k, v
+        layers.append(ReservedLayer.holding(keys, values))
     cache = new_cache(model, room=256)
     cache.layers = layers
-    return PromptState(cache, mask, last)
+    return cache
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
