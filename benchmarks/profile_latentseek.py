@@ -13,7 +13,8 @@ and the top functions by own time. cProfile's per-call overhead inflates Python-
 ``--kernels`` runs the same command under torch.profiler instead and prints the time spent inside
 the matrix-multiply and attention kernels themselves (their own CPU time). Any implementation that
 keeps today's records must run these same kernels on the same shapes, so their sum is a floor on
-our time: upstream's seconds divided by it bound the ratio ``vs_upstream.py`` can reach.
+our time: upstream's seconds divided by it bound the ratio ``vs_upstream.py`` can reach. It also
+prints their arithmetic (GFLOP, attention counted from its shapes) and the rate they ran at.
 """
 
 from __future__ import annotations
@@ -119,23 +120,35 @@ def kernel_floor(adapt, argv: list[str], run_dir: Path) -> None:
     from lit_latent.results import read_records
 
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         adapt.main(argv)
     wall = time.perf_counter() - start
     record_seconds = sum(r["seconds"] for r in read_records(run_dir / "predictions.jsonl"))
     shutil.rmtree(run_dir, ignore_errors=True)
-    own = {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
+    events = prof.events()
     print(f"\nkernel time ({' '.join(argv)}), under torch.profiler")
-    print("| kernels | calls | own seconds |")
-    print("|---|---|---|")
+    print("| kernels | calls | own seconds | GFLOP | GFLOP/s |")
+    print("|---|---|---|---|---|")
     floor = 0.0
     for label, names in KERNELS.items():
-        calls = sum(own[n][0] for n in names if n in own)
-        seconds = sum(own[n][1] for n in names if n in own)
+        mine = [e for e in events if e.name in names]
+        seconds = sum(e.self_cpu_time_total for e in mine) / 1e6
+        gflop = sum(_flops(e) for e in mine) / 1e9
         floor += seconds
-        print(f"| {label} | {calls} | {seconds:.3f} |")
+        print(f"| {label} | {len(mine)} | {seconds:.3f} | {gflop:.1f} | {gflop / max(seconds, 1e-9):.0f} |")
     print(f"records' seconds under the profiler: {record_seconds:.3f} (wall {wall:.3f})")
     print(f"kernel_floor_s: {floor:.3f}")
+
+
+def _flops(event) -> int:
+    """The profiler's count for matrix multiplies; for attention (which it does not count), the
+    two products of queries [B, H, q, d] with keys [B, H, k, d]: 4 B H q k d."""
+    if event.flops:
+        return event.flops
+    if "attention" in event.name and len(event.input_shapes) >= 2 and len(event.input_shapes[0]) == 4:
+        (b, h, q, d), k = event.input_shapes[0], event.input_shapes[1][2]
+        return 4 * b * h * q * k * d
+    return 0
 
 
 if __name__ == "__main__":
