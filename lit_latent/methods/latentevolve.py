@@ -70,7 +70,6 @@ def latent_evolve(engine: Engine, problems: list[dict], reward: Reward, cfg: Evo
         # evolve.rho: the answer's later latents are refined too, from the CoT's own
         refined = latent_count(len(first.tokens[i]), cfg.rho, len(first.tokens[i])) if cfg.rho else 0
         search.add(i, torch.cat([z0, first.hidden[i][cfg.latent_count : refined].float()]))
-    for i in usable:
         search.add_answer(i, first.tokens[i])
     samplers = [engine.generator(p["id"], "evolve") for p in problems]
     # evolve.regenerate_after_first_change: a prefix ends at its first token that differs from the CoT's
